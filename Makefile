@@ -1,0 +1,34 @@
+# Two commands set everything up: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= test,triton,megatron,transformers
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo lint clean
+
+venv: $(STAMP)
+
+# torch goes in first and alone: with 2.13.0 (the local CPU wheel) present, nothing later can
+# pull a CUDA build through a looser requirement.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not network"
+
+demo: venv
+	$(VENV)/bin/launch demo --out demo-out
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache build *.egg-info

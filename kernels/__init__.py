@@ -1,0 +1,1 @@
+"""FP8 block (de)quantisation kernels: Triton on GPU or under the interpreter, an exact torch path on CPU."""

@@ -1,0 +1,104 @@
+"""`launch demo`: the pipeline end to end on generated inputs, as the commands a user would type."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from converters.fixtures import deepseek_v3_config
+from patcher.patches import installed_megatron_spec, resolve
+
+# console-script name -> module, so the demo runs with this interpreter even outside the venv's PATH
+_ENTRY_POINTS = {"patcher": "patcher.cli", "convert": "converters.cli", "launch": "launch.cli"}
+
+
+class DemoFailure(RuntimeError):
+    """A step's check did not hold."""
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: float
+    check: str
+
+
+def run_command(*argv: str, expect: int = 0) -> str:
+    """Echo and run one of our CLIs; return its stdout; fail if the exit code is not `expect`."""
+    print(f"\n$ {' '.join(argv)}", flush=True)
+    command = [sys.executable, "-m", _ENTRY_POINTS[argv[0]], *argv[1:]]
+    result = subprocess.run(command, capture_output=True, text=True)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    if result.returncode != expect:
+        raise DemoFailure(f"`{' '.join(argv)}` exited {result.returncode}, expected {expect}")
+    return result.stdout
+
+
+def step_patch_megatron(out: Path) -> str:
+    """Copy the installed megatron package and patch the copy (never the installed one)."""
+    package = installed_megatron_spec().parents[3]
+    scratch = out / "site-packages"
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(package, scratch / "megatron", ignore=shutil.ignore_patterns("__pycache__"))
+    before = resolve(scratch).detect()
+    run_command("patcher", "status", str(scratch), expect=before.exit_code)
+    if before.state == "needs-patch":
+        run_command("patcher", "apply", "--dry-run", str(scratch))
+        run_command("patcher", "apply", str(scratch))
+    run_command("patcher", "status", str(scratch))
+    after = resolve(scratch).detect()
+    if after.state not in ("applied", "not-needed"):
+        raise DemoFailure(f"Megatron copy is {after.state} after apply")
+    run_command("patcher", "apply", str(scratch))  # idempotent: says nothing to do
+    return f"megatron-core {after.version}: {before.state} -> {after.state}"
+
+
+def step_patch_config(out: Path) -> str:
+    """A sample DeepSeek-V3 config.json: drop quantization_config, disable MTP; then revert."""
+    model_dir = out / "DeepSeek-V3-config"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    original = json.dumps(deepseek_v3_config(), indent=2) + "\n"
+    (model_dir / "config.json").write_text(original)
+    (model_dir / "config.json.orig").unlink(missing_ok=True)
+    run_command("patcher", "status", str(model_dir), expect=1)
+    run_command("patcher", "apply", str(model_dir))
+    run_command("patcher", "status", str(model_dir))
+    patched = json.loads((model_dir / "config.json").read_text())
+    if "quantization_config" in patched or patched["num_nextn_predict_layers"] != 0:
+        raise DemoFailure("config.json was not patched")
+    run_command("patcher", "revert", str(model_dir))
+    if (model_dir / "config.json").read_text() != original:
+        raise DemoFailure("revert did not restore the original bytes")
+    run_command("patcher", "apply", str(model_dir))
+    return "quantization_config removed, MTP off; revert byte-exact"
+
+
+STEPS: list[tuple[str, Callable[[Path], str]]] = [
+    ("patch Megatron (scratch copy)", step_patch_megatron),
+    ("patch config.json", step_patch_config),
+]
+
+
+def run_demo(out: Path) -> list[StepResult]:
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name, step in STEPS:
+        print(f"\n=== {name} ===", flush=True)
+        start = time.perf_counter()
+        check = step(out)
+        results.append(StepResult(name, time.perf_counter() - start, check))
+    return results
+
+
+def format_table(results: list[StepResult]) -> str:
+    width = max(len(result.name) for result in results)
+    lines = [f"{'step':<{width}}  {'time':>7}  check", f"{'-' * width}  {'-' * 7}  {'-' * 40}"]
+    lines += [f"{r.name:<{width}}  {r.seconds:>6.1f}s  {r.check}" for r in results]
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""Shared pytest fixtures: released megatron-core spec files, fetched once into a cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WHEEL_CACHE = Path(os.environ.get("MCORE_WHEEL_CACHE", REPO / ".cache" / "mcore-wheels"))
+SPEC_IN_WHEEL = "megatron/core/models/gpt/gpt_layer_specs.py"
+PACKAGE_INFO_IN_WHEEL = "megatron/core/package_info.py"
+
+
+def fetch_mcore_wheel(version: str) -> Path:
+    """`pip download --no-deps megatron-core==VERSION` into the cache (cp312 wheels for releases without cp311)."""
+    WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    cached = sorted(WHEEL_CACHE.glob(f"megatron_core-{version}-*.whl"))
+    if cached:
+        return cached[0]
+    base = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(WHEEL_CACHE), f"megatron-core=={version}"]
+    attempts = [base, [*base, "--only-binary=:all:", "--python-version", "3.12"]]
+    errors = []
+    for command in attempts:
+        result = subprocess.run(command, capture_output=True, text=True)
+        cached = sorted(WHEEL_CACHE.glob(f"megatron_core-{version}-*.whl"))
+        if cached:
+            return cached[0]
+        errors.append(result.stderr.strip().splitlines()[-1:] or [""])
+    pytest.fail(f"could not download megatron-core=={version}: {errors}")
+
+
+@pytest.fixture(scope="session")
+def mcore_release(tmp_path_factory):
+    """Factory: VERSION -> a fresh scratch `site-packages` dir holding that release's spec and package_info."""
+
+    def extract(version: str) -> Path:
+        wheel = fetch_mcore_wheel(version)
+        target = tmp_path_factory.mktemp(f"mcore-{version}")
+        with zipfile.ZipFile(wheel) as archive:
+            for member in (SPEC_IN_WHEEL, PACKAGE_INFO_IN_WHEEL):
+                out = target / member
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(archive.read(member))
+        return target
+
+    return extract

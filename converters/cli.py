@@ -1,24 +1,129 @@
-"""`convert`: command-line entry for the checkpoint and data converters."""
+"""`convert`: command-line entry that parses arguments and calls the converters."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from patcher import __version__
 
 DESCRIPTION = "Convert DeepSeek-V3-class checkpoints and data for verl GRPO on Megatron-Core."
 
+FP8_BF16_HELP = """\
+Cast a DeepSeek-V3-style FP8 checkpoint (e4m3 weights with 128x128 float32 *_scale_inv) to BF16.
+
+Output: the same shard names, every tensor but the *_scale_inv (non-FP8 tensors byte-identical,
+e_score_correction_bias stays float32), safetensors metadata {"format": "pt"}, an index with the
+right total_size, config.json without quantization_config and with dtype bfloat16, and every other
+file (tokenizer, *.py, generation_config.json, license) copied.
+
+Safe to re-run: shards are written to DST/.fp8-bf16/ and renamed when complete; after a kill the
+same command skips finished shards and the result is byte-identical. The index is written last.
+"""
+
+EXIT_CODES = """\
+exit codes:
+  0  done (or nothing to do: the output is already complete)
+  1  this --shard part is done, other parts are still missing (index not yet written)
+  2  bad input or unsafe request; the message names the file and tensor
+"""
+
+
+def _shard_spec(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected I/N such as 0/4, got {text!r}") from exc
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"need 0 <= I < N, got {text!r}")
+    return index, count
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cast = commands.add_parser(
+        "fp8-bf16",
+        help="FP8 block-quantised checkpoint -> BF16 safetensors (exact, resumable)",
+        description=FP8_BF16_HELP,
+        epilog=EXIT_CODES + "\nexample:\n  convert fp8-bf16 --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-BF16\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cast.add_argument("--src", type=Path, required=True, help="HF dir with model.safetensors.index.json (or model.safetensors)")
+    cast.add_argument("--dst", type=Path, required=True, help="output dir: new, empty, or an interrupted run of the same command")
+    cast.add_argument("--drop-mtp", action="store_true", help="drop MTP layers (index >= num_hidden_layers), set num_nextn_predict_layers 0")
+    cast.add_argument("--device", default="auto", help="auto (CUDA if visible), cuda, cuda:N or cpu")
+    cast.add_argument("--workers", type=_positive, default=1, help="processes: one per GPU, or CPU workers (default 1)")
+    cast.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="convert part I of N (machines sharing a filesystem)")
+    cast.add_argument("--overwrite", action="store_true", help="write into a non-empty DST that holds something else")
+    cast.add_argument("--verify", action="store_true", help="re-read the output and check sampled blocks against the source")
+    cast.add_argument("--batch-mb", type=_positive, default=512, help="FP8 bytes dequantised per batch (default 512)")
+    cast.add_argument("--json", action="store_true", help="print the summary as JSON")
+    cast.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
+def _progress_factory(quiet: bool):
+    def factory(total: int):
+        if quiet:
+            return lambda n: None
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="fp8->bf16", file=sys.stderr)
+        return bar.update
+
+    return factory
+
+
+def run_fp8_bf16(args: argparse.Namespace) -> int:
+    from converters.fp8_bf16 import CastError, CastOptions, plan_cast, run_cast
+    from converters.verify import verify_cast
+
+    options = CastOptions(
+        drop_mtp=args.drop_mtp,
+        device=args.device,
+        workers=args.workers,
+        shard_index=args.shard[0],
+        shard_count=args.shard[1],
+        overwrite=args.overwrite,
+        batch_bytes=args.batch_mb * 1024 * 1024,
+    )
+    try:
+        plan = plan_cast(args.src, args.dst, options)
+        summary = run_cast(plan, _progress_factory(args.quiet or args.json))
+        if args.verify and summary.finalized:
+            summary.verify = verify_cast(plan)
+    except CastError as exc:
+        print(f"convert fp8-bf16: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print(
+            f"{summary.shards_converted} shard(s) converted, {summary.shards_skipped} already done; "
+            f"{summary.tensors} tensors ({summary.fp8_tensors} FP8); {summary.bytes_in / 1e9:.2f} GB in, "
+            f"{summary.bytes_out / 1e9:.2f} GB out in {summary.seconds:.1f} s ({summary.gb_per_s:.2f} GB/s)"
+        )
+        if summary.verify:
+            print(f"verify: {summary.verify['blocks_checked']} FP8 blocks and {summary.verify['tensors_compared']} tensors match the source")
+        print(f"output: {summary.dst}" + ("" if summary.finalized else " (waiting for the other --shard parts)"))
+    return 0 if summary.finalized else 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "fp8-bf16":
+        return run_fp8_bf16(args)
     return 2
 
 

@@ -69,3 +69,150 @@ def deepseek_v3_config() -> dict[str, Any]:
         "v_head_dim": 128,
         "vocab_size": 129280,
     }
+
+
+# Tiny DeepSeek-V3: every dim that is blocked is over 128 and not a multiple of 128, kv_a_proj is
+# ragged like the real 576 rows, layer 0 is dense, and one MTP layer follows the decoder layers.
+TINY_DEEPSEEK_V3 = {
+    "vocab_size": 320,
+    "hidden_size": 200,
+    "intermediate_size": 264,
+    "moe_intermediate_size": 136,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "qk_nope_head_dim": 32,
+    "qk_rope_head_dim": 16,
+    "v_head_dim": 32,
+    "q_lora_rank": 136,
+    "kv_lora_rank": 144,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+    "max_position_embeddings": 256,
+    "num_nextn_predict_layers": 1,
+}
+
+# Tensors DeepSeek keeps in BF16 (or float32) inside an FP8 checkpoint.
+_NOT_FP8 = ("norm", "mlp.gate.weight", "e_score_correction_bias", "embed_tokens", "lm_head", "eh_proj", "shared_head")
+EXTRA_FILES = {
+    "tokenizer_config.json": '{"model_max_length": 256}\n',
+    "generation_config.json": '{"bos_token_id": 0, "eos_token_id": 1}\n',
+    "modeling_deepseek.py": "# remote code shipped with the checkpoint\n",
+    "LICENSE": "generated test fixture\n",
+}
+
+
+def is_fp8_weight(name: str, tensor) -> bool:
+    """Whether DeepSeek's FP8 release stores this tensor as e4m3 with a 128x128 scale_inv."""
+    return tensor.dim() == 2 and name.endswith(".weight") and not any(part in name for part in _NOT_FP8)
+
+
+def tiny_bf16_state_dict(overrides: dict[str, Any] | None = None, seed: int = 0):
+    """(config dict, HF-format state dict in bf16 with a float32 expert bias, MTP layer included)."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    settings = {**TINY_DEEPSEEK_V3, **(overrides or {})}
+    mtp_layers = settings.pop("num_nextn_predict_layers")
+    layers = settings["num_hidden_layers"]
+    torch.manual_seed(seed)
+    # Build one extra decoder layer per MTP module: its weights become the MTP transformer layer.
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**settings, "num_hidden_layers": layers + mtp_layers}))
+    with tempfile.TemporaryDirectory() as scratch:
+        model.to(torch.bfloat16).save_pretrained(scratch)
+        state = load_file(f"{scratch}/model.safetensors")
+    hidden = settings["hidden_size"]
+    generator = torch.Generator().manual_seed(seed + 1)
+    for name in list(state):
+        if name.endswith("e_score_correction_bias"):
+            state[name] = torch.rand(state[name].shape, generator=generator, dtype=torch.float32) * 0.1
+        elif name.endswith("norm.weight"):
+            state[name] = (1 + 0.1 * torch.randn(state[name].shape, generator=generator)).to(torch.bfloat16)
+    for k in range(mtp_layers):
+        prefix = f"model.layers.{layers + k}."
+        state[prefix + "enorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        state[prefix + "hnorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        state[prefix + "eh_proj.weight"] = (0.02 * torch.randn(hidden, 2 * hidden, generator=generator)).to(torch.bfloat16)
+        state[prefix + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+        state[prefix + "shared_head.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        state[prefix + "shared_head.head.weight"] = state["lm_head.weight"].clone()
+    config = model.config.to_dict()
+    config.update(num_hidden_layers=layers, num_nextn_predict_layers=mtp_layers)
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "bfloat16"
+    return config, state
+
+
+def write_checkpoint(
+    dst, config: dict[str, Any], tensors: dict, shards: int = 3, move_scale: str | None = None
+) -> None:
+    """Write a HF checkpoint: `shards` safetensors files of similar size, index, config, extra files.
+
+    `move_scale` names a tensor whose `_scale_inv` goes to a different shard than the weight.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        if size > total * len(groups) / shards and len(groups) < shards:
+            groups.append([])
+        groups[-1].append(name)
+        size += tensors[name].numel() * tensors[name].element_size()
+    if move_scale is not None:
+        scale = move_scale + "_scale_inv"
+        home = next(i for i, group in enumerate(groups) if scale in group)
+        groups[home].remove(scale)
+        groups[(home + 1) % len(groups)].append(scale)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({name: tensors[name].contiguous() for name in group}, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update({name: shard for name in group})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name, text in EXTRA_FILES.items():
+        (dst / name).write_text(text)
+
+
+def quantise_state_dict(state: dict) -> dict:
+    """The FP8 release layout of a BF16 state dict: e4m3 weights plus float32 `_scale_inv`, by our kernel."""
+    from kernels.fp8 import quant_fp8_blocks
+
+    out = {}
+    for name, tensor in state.items():
+        if is_fp8_weight(name, tensor):
+            out[name], out[name + "_scale_inv"] = quant_fp8_blocks(tensor)
+        else:
+            out[name] = tensor
+    return out
+
+
+def make_fp8_checkpoint(dst, overrides: dict[str, Any] | None = None, seed: int = 0, shards: int = 3) -> dict[str, Any]:
+    """A tiny DeepSeek-V3 FP8 checkpoint in the real release layout; returns its config dict."""
+    config, state = tiny_bf16_state_dict(overrides, seed)
+    config["quantization_config"] = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    write_checkpoint(dst, config, quantise_state_dict(state), shards, move_scale="model.layers.0.self_attn.kv_a_proj_with_mqa.weight")
+    return config

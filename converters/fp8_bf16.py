@@ -1,0 +1,472 @@
+"""`convert fp8-bf16`: a DeepSeek-V3-style FP8 checkpoint to BF16 safetensors, sharded, resumable, exact.
+
+Plan first (every header read and validated, every scale found through the index), then convert
+shard by shard: a reader thread, the dequantisation, and a writer thread overlap; each output shard
+is written to a temp file under DST/.fp8-bf16/ and renamed into place only when complete. A shard
+whose output already holds exactly the expected header and size is skipped, so a killed run resumes
+and ends byte-identical to an uninterrupted one. The index goes last: its presence means done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from converters.safetensors_io import (
+    INDEX_NAME,
+    OutputTensor,
+    SafetensorsError,
+    ShardHeader,
+    TensorInfo,
+    encode_header,
+    load_index,
+    order_for_writing,
+    read_header,
+    read_tensor,
+    tensor_bytes,
+)
+from kernels.fp8 import DEFAULT_BLOCK, FP8FormatError, dequant_fp8_blocks_batched, scale_shape
+from patcher.fsio import atomic_write_bytes, fsync_dir
+from patcher.hf_config import ConfigEdit, ConfigFormatError
+
+STATE_DIR = ".fp8-bf16"
+STATE_FILE = "state.json"
+SCALE_SUFFIX = "_scale_inv"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_SKIP_DIRS = {".git", ".cache", STATE_DIR}
+_SPACE_MARGIN = 64 * 1024 * 1024
+
+
+class CastError(Exception):
+    """An expected failure (bad input, unsafe request); the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class CastOptions:
+    drop_mtp: bool = False
+    device: str = "auto"
+    workers: int = 1
+    shard_index: int = 0
+    shard_count: int = 1
+    overwrite: bool = False
+    batch_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """How one output tensor is made: copied, or dequantised from a weight and its scale."""
+
+    output: OutputTensor
+    source: TensorInfo
+    source_path: Path
+    scale: TensorInfo | None = None
+    scale_path: Path | None = None
+
+    @property
+    def input_bytes(self) -> int:
+        return self.source.nbytes + (self.scale.nbytes if self.scale else 0)
+
+
+@dataclass
+class ShardJob:
+    name: str
+    jobs: list[TensorJob]
+    header: bytes
+
+    @property
+    def output_size(self) -> int:
+        return len(self.header) + sum(job.output.nbytes for job in self.jobs)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(job.input_bytes for job in self.jobs)
+
+
+@dataclass
+class CastPlan:
+    src: Path
+    dst: Path
+    shards: list[ShardJob]
+    block: tuple[int, int]
+    has_index: bool
+    index_metadata: dict[str, object]
+    config_text: str | None
+    options: CastOptions
+    identity: dict[str, object] = field(default_factory=dict)
+
+    def my_shards(self) -> list[ShardJob]:
+        """This machine's part under --shard I/N: largest first to the least-loaded part."""
+        loads = [0] * self.options.shard_count
+        owner: dict[str, int] = {}
+        for shard in sorted(self.shards, key=lambda s: (-s.output_size, s.name)):
+            part = min(range(len(loads)), key=lambda p: (loads[p], p))
+            loads[part] += shard.output_size
+            owner[shard.name] = part
+        return [s for s in self.shards if owner[s.name] == self.options.shard_index]
+
+
+@dataclass
+class CastSummary:
+    shards_converted: int = 0
+    shards_skipped: int = 0
+    tensors: int = 0
+    fp8_tensors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    finalized: bool = False
+    dst: str = ""
+    verify: dict[str, int] | None = None
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_in + self.bytes_out) / 1e9 / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {**asdict(self), "gb_per_s": round(self.gb_per_s, 3)}
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _read_config(src: Path) -> tuple[str | None, dict[str, object]]:
+    path = src / "config.json"
+    if not path.is_file():
+        return None, {}
+    text = path.read_text(encoding="utf-8")
+    try:
+        return text, json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CastError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+
+
+def _block_size(config: dict[str, object]) -> tuple[int, int]:
+    quantization = config.get("quantization_config") or {}
+    block = quantization.get("weight_block_size", DEFAULT_BLOCK) if isinstance(quantization, dict) else DEFAULT_BLOCK
+    return (int(block[0]), int(block[1]))
+
+
+def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
+    """Read every header, find every scale, and check shapes; raise CastError listing all problems."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CastError(f"{src}: not a directory")
+    config_text, config = _read_config(src)
+    try:
+        weight_map, index_metadata = load_index(src)
+        headers = {name: read_header(src / name) for name in sorted(set(weight_map.values()))}
+    except SafetensorsError as exc:
+        raise CastError(str(exc)) from exc
+    except FileNotFoundError as exc:
+        raise CastError(f"{exc.filename}: shard listed in {INDEX_NAME} is missing") from exc
+    block = _block_size(config)
+    num_layers = config.get("num_hidden_layers")
+    if options.drop_mtp and not isinstance(num_layers, int):
+        raise CastError(f"{src / 'config.json'}: --drop-mtp needs num_hidden_layers in config.json")
+
+    problems: list[str] = []
+    for tensor, shard in weight_map.items():
+        if tensor not in headers[shard].tensors:
+            problems.append(f"{shard}: {INDEX_NAME} maps {tensor} here but the shard does not hold it")
+    shards = [
+        _plan_shard(name, header, headers, weight_map, block, num_layers if options.drop_mtp else None, problems)
+        for name, header in headers.items()
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CastError(f"{len(problems)} problem(s) in {src}, nothing written:\n  {shown}{more}")
+    identity = {
+        "tool": "convert fp8-bf16",
+        "source": str(src.resolve()),
+        "drop_mtp": options.drop_mtp,
+        "shards": {name: [h.file_size, (src / name).stat().st_mtime_ns] for name, h in headers.items()},
+    }
+    return CastPlan(src, dst, shards, block, (src / INDEX_NAME).is_file(), index_metadata, config_text, options, identity)
+
+
+def _plan_shard(
+    name: str,
+    header: ShardHeader,
+    headers: dict[str, ShardHeader],
+    weight_map: dict[str, str],
+    block: tuple[int, int],
+    mtp_from_layer: int | None,
+    problems: list[str],
+) -> ShardJob:
+    jobs = []
+    for info in header.tensors.values():
+        if info.name.endswith(SCALE_SUFFIX):
+            continue
+        layer = layer_index(info.name)
+        if mtp_from_layer is not None and layer is not None and layer >= mtp_from_layer:
+            continue
+        if info.dtype != "F8_E4M3":
+            jobs.append(TensorJob(OutputTensor(info.name, info.dtype, info.shape), info, header.path))
+            continue
+        scale_name = info.name + SCALE_SUFFIX
+        scale_shard = weight_map.get(scale_name, name if scale_name in header.tensors else None)
+        scale = headers[scale_shard].tensors.get(scale_name) if scale_shard in headers else None
+        if scale is None:
+            problems.append(f"{name}: tensor {info.name} is FP8 but {scale_name} is in no shard; the BF16 output would be wrong")
+            continue
+        if len(info.shape) != 2:
+            problems.append(f"{name}: tensor {info.name} is FP8 with shape {list(info.shape)}; only 2-D block-quantised weights are supported")
+            continue
+        expected = list(scale_shape(info.shape, block))
+        if scale.dtype != "F32" or list(scale.shape) != expected:
+            problems.append(
+                f"{scale_shard}: {scale_name} is {scale.dtype}{list(scale.shape)}, expected F32{expected} "
+                f"for {info.name} {list(info.shape)} with {block[0]}x{block[1]} blocks"
+            )
+            continue
+        jobs.append(TensorJob(OutputTensor(info.name, "BF16", info.shape), info, header.path, scale, headers[scale_shard].path))
+    order = {t.name: i for i, t in enumerate(order_for_writing([job.output for job in jobs]))}
+    jobs.sort(key=lambda job: order[job.output.name])
+    return ShardJob(name, jobs, encode_header([job.output for job in jobs]))
+
+
+def check_paths(src: Path, dst: Path) -> None:
+    """Refuse a destination equal to, inside, or containing the source."""
+    src_real, dst_real = src.resolve(), dst.resolve()
+    if dst_real == src_real:
+        raise CastError(f"--dst {dst} is the source directory; choose a new directory")
+    if dst_real.is_relative_to(src_real):
+        raise CastError(f"--dst {dst} is inside the source {src}; choose a directory outside it")
+    if src_real.is_relative_to(dst_real):
+        raise CastError(f"--dst {dst} contains the source {src}; choose a directory that does not")
+
+
+def shard_is_done(dst: Path, shard: ShardJob) -> bool:
+    """An output shard is complete iff it has exactly the expected header bytes and size."""
+    path = dst / shard.name
+    try:
+        if path.stat().st_size != shard.output_size:
+            return False
+        with open(path, "rb") as handle:
+            return handle.read(len(shard.header)) == shard.header
+    except OSError:
+        return False
+
+
+def prepare_destination(plan: CastPlan) -> None:
+    """Create or validate DST: resume our own run of the same source, refuse anything else."""
+    dst = plan.dst
+    check_paths(plan.src, dst)
+    state_dir = dst / STATE_DIR
+    state_path = state_dir / STATE_FILE
+    if dst.exists() and not dst.is_dir():
+        raise CastError(f"--dst {dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not plan.options.overwrite:
+        if not state_path.is_file():
+            raise CastError(f"--dst {dst} is not empty and holds no conversion of this source; choose an empty directory or pass --overwrite")
+        previous = json.loads(state_path.read_text())
+        if previous != plan.identity:
+            raise CastError(
+                f"--dst {dst} holds a conversion of another source or with other options "
+                f"({previous.get('source')}, drop_mtp={previous.get('drop_mtp')}); use a new directory or --overwrite"
+            )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for stale in state_dir.glob("*.tmp"):
+        if _tmp_owner_dead(stale):
+            stale.unlink(missing_ok=True)
+    atomic_write_bytes(state_path, json.dumps(plan.identity, indent=1, sort_keys=True).encode())
+
+
+def _tmp_owner_dead(path: Path) -> bool:
+    try:
+        pid = int(path.name.rsplit(".", 2)[-2])
+        os.kill(pid, 0)
+    except (ValueError, IndexError, ProcessLookupError):
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def check_free_space(plan: CastPlan, pending: list[ShardJob]) -> None:
+    needed = sum(shard.output_size for shard in pending) + _SPACE_MARGIN
+    free = shutil.disk_usage(plan.dst).free
+    if needed > free:
+        raise CastError(
+            f"not enough space on {plan.dst}: {needed / 1e9:.2f} GB needed for {len(pending)} shard(s), "
+            f"{free / 1e9:.2f} GB free; free space or choose another --dst"
+        )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CastError(f"--device {device}: no CUDA device is visible; use --device cpu")
+    return torch.device(device)
+
+
+def _batches(shard: ShardJob, limit: int) -> Iterator[list[TensorJob]]:
+    batch: list[TensorJob] = []
+    size = 0
+    for job in shard.jobs:
+        if batch and size + job.input_bytes > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(job)
+        size += job.input_bytes
+    if batch:
+        yield batch
+
+
+def _produce(stage: Callable[[object], object], inbox: queue.Queue, outbox: queue.Queue, errors: list[BaseException]) -> None:
+    """Run `stage` over items until the None sentinel; forward the sentinel; record the first error."""
+    try:
+        while (item := inbox.get()) is not None:
+            if errors:
+                continue
+            outbox.put(stage(item))
+    except BaseException as exc:  # handed to the main thread, which re-raises it
+        errors.append(exc)
+    finally:
+        outbox.put(None)
+
+
+def convert_shard(plan: CastPlan, shard: ShardJob, device: torch.device, progress: Callable[[int], None]) -> None:
+    """Read, dequantise and write one shard with the three stages overlapping; rename when complete."""
+    tmp = plan.dst / STATE_DIR / f"{shard.name}.{os.getpid()}.tmp"
+    errors: list[BaseException] = []
+    batches: queue.Queue = queue.Queue()
+    loaded: queue.Queue = queue.Queue(maxsize=2)
+    converted: queue.Queue = queue.Queue(maxsize=2)
+
+    def load(batch: list[TensorJob]) -> list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]:
+        return [
+            (job, read_tensor(job.source_path, job.source), read_tensor(job.scale_path, job.scale) if job.scale else None)
+            for job in batch
+        ]
+
+    def dequantise(items: list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]) -> list[tuple[TensorJob, torch.Tensor]]:
+        fp8 = [(job, weight, scale) for job, weight, scale in items if scale is not None]
+        results = {}
+        if fp8:
+            try:
+                outs = dequant_fp8_blocks_batched(
+                    [weight.to(device, non_blocking=True) for _, weight, _ in fp8],
+                    [scale.to(device, non_blocking=True) for _, _, scale in fp8],
+                    plan.block,
+                )
+            except FP8FormatError as exc:
+                raise CastError(f"{shard.name}: {exc}") from exc
+            results = {job.output.name: out.cpu() for (job, _, _), out in zip(fp8, outs, strict=True)}
+        return [(job, results.get(job.output.name, weight)) for job, weight, _ in items]
+
+    threads = [
+        threading.Thread(target=_produce, args=(load, batches, loaded, errors), daemon=True),
+        threading.Thread(target=_produce, args=(dequantise, loaded, converted, errors), daemon=True),
+    ]
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(shard.header)
+            for thread in threads:
+                thread.start()
+            for batch in _batches(shard, plan.options.batch_bytes):
+                batches.put(batch)
+            batches.put(None)
+            while (done := converted.get()) is not None:
+                if errors:
+                    continue
+                for job, tensor in done:
+                    handle.write(tensor_bytes(tensor))
+                    progress(job.input_bytes)
+            for thread in threads:
+                thread.join()
+            if errors:
+                raise errors[0]
+            handle.flush()
+            os.fsync(handle.fileno())
+        if tmp.stat().st_size != shard.output_size:
+            raise CastError(f"{shard.name}: wrote {tmp.stat().st_size} bytes, expected {shard.output_size}")
+        os.replace(tmp, plan.dst / shard.name)
+        fsync_dir(plan.dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+
+
+def finalize(plan: CastPlan) -> None:
+    """Config, other files, then the index (written last: it marks the output as complete)."""
+    shard_names = {shard.name for shard in plan.shards}
+    for path in sorted(plan.src.rglob("*")):
+        relative = path.relative_to(plan.src)
+        if path.is_dir() or relative.parts[0] in _SKIP_DIRS or str(relative) in shard_names:
+            continue
+        if str(relative) in (INDEX_NAME, "config.json"):
+            continue
+        _copy_atomic(path, plan.dst / relative)
+    if plan.config_text is not None:
+        edit = ConfigEdit(drop_quantization=True, disable_mtp=plan.options.drop_mtp, dtype="bfloat16")
+        try:
+            atomic_write_bytes(plan.dst / "config.json", edit.apply(plan.config_text).encode("utf-8"))
+        except ConfigFormatError as exc:
+            raise CastError(f"{plan.src / 'config.json'}: {exc}") from exc
+    if plan.has_index:
+        weight_map = {job.output.name: shard.name for shard in plan.shards for job in shard.jobs}
+        index = {
+            "metadata": {**plan.index_metadata, "total_size": sum(job.output.nbytes for s in plan.shards for job in s.jobs)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        atomic_write_bytes(plan.dst / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+    shutil.rmtree(plan.dst / STATE_DIR, ignore_errors=True)
+
+
+def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], None]] | None = None) -> CastSummary:
+    """Convert this part's pending shards, then finalize if every shard of every part is there."""
+    start = time.perf_counter()
+    summary = CastSummary(dst=str(plan.dst))
+    mine = plan.my_shards()
+    complete = (plan.dst / INDEX_NAME).is_file() or not plan.has_index and not (plan.dst / STATE_DIR).exists()
+    if plan.dst.is_dir() and complete and all(shard_is_done(plan.dst, s) for s in plan.shards):
+        summary.shards_skipped = len(mine)
+        summary.finalized = True
+        summary.seconds = time.perf_counter() - start
+        return summary
+    prepare_destination(plan)
+    pending = [shard for shard in mine if not shard_is_done(plan.dst, shard)]
+    summary.shards_skipped = len(mine) - len(pending)
+    check_free_space(plan, pending)
+    device = resolve_device(plan.options.device)
+    progress = (progress_factory or (lambda total: lambda n: None))(sum(s.input_bytes for s in pending))
+    if plan.options.workers > 1 and len(pending) > 1:
+        from converters.cast_workers import convert_in_workers
+
+        convert_in_workers(plan, pending, device, progress)
+    else:
+        for shard in pending:
+            convert_shard(plan, shard, device, progress)
+    for shard in pending:
+        summary.shards_converted += 1
+        summary.tensors += len(shard.jobs)
+        summary.fp8_tensors += sum(job.scale is not None for job in shard.jobs)
+        summary.bytes_in += shard.input_bytes
+        summary.bytes_out += shard.output_size
+    if all(shard_is_done(plan.dst, shard) for shard in plan.shards):
+        finalize(plan)
+        summary.finalized = True
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     cast.add_argument("--overwrite", action="store_true", help="write into a non-empty DST that holds something else")
     cast.add_argument("--verify", action="store_true", help="re-read the output and check sampled blocks against the source")
     cast.add_argument("--batch-mb", type=_positive, default=512, help="FP8 bytes dequantised per batch (default 512)")
+    cast.add_argument("--max-write-mbps", type=float, default=None, metavar="MB/s", help="limit the write rate (shared filesystems)")
     cast.add_argument("--json", action="store_true", help="print the summary as JSON")
     cast.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -97,6 +98,7 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
         shard_count=args.shard[1],
         overwrite=args.overwrite,
         batch_bytes=args.batch_mb * 1024 * 1024,
+        max_write_bytes_per_s=args.max_write_mbps * 1e6 if args.max_write_mbps else None,
     )
     try:
         plan = plan_cast(args.src, args.dst, options)

@@ -60,6 +60,7 @@ class CastOptions:
     shard_count: int = 1
     overwrite: bool = False
     batch_bytes: int = 512 * 1024 * 1024
+    max_write_bytes_per_s: float | None = None  # be gentle with a shared filesystem
 
 
 @dataclass(frozen=True)
@@ -166,11 +167,12 @@ def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
     config_text, config = _read_config(src)
     try:
         weight_map, index_metadata = load_index(src)
+        missing = [name for name in sorted(set(weight_map.values())) if not (src / name).is_file()]
+        if missing:
+            raise CastError(f"{src}: {len(missing)} shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing[:5])}")
         headers = {name: read_header(src / name) for name in sorted(set(weight_map.values()))}
     except SafetensorsError as exc:
         raise CastError(str(exc)) from exc
-    except FileNotFoundError as exc:
-        raise CastError(f"{exc.filename}: shard listed in {INDEX_NAME} is missing") from exc
     block = _block_size(config)
     num_layers = config.get("num_hidden_layers")
     if options.drop_mtp and not isinstance(num_layers, int):
@@ -340,6 +342,22 @@ def _produce(stage: Callable[[object], object], inbox: queue.Queue, outbox: queu
         outbox.put(None)
 
 
+class _Throttle:
+    """Sleep after writes so the average rate stays under a limit (None: no limit)."""
+
+    def __init__(self, bytes_per_s: float | None) -> None:
+        self.bytes_per_s = bytes_per_s
+        self.start = time.perf_counter()
+        self.written = 0
+
+    def wrote(self, count: int) -> None:
+        if self.bytes_per_s:
+            self.written += count
+            ahead = self.written / self.bytes_per_s - (time.perf_counter() - self.start)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
 def convert_shard(plan: CastPlan, shard: ShardJob, device: torch.device, progress: Callable[[int], None]) -> None:
     """Read, dequantise and write one shard with the three stages overlapping; rename when complete."""
     tmp = plan.dst / STATE_DIR / f"{shard.name}.{os.getpid()}.tmp"
@@ -381,12 +399,14 @@ def convert_shard(plan: CastPlan, shard: ShardJob, device: torch.device, progres
             for batch in _batches(shard, plan.options.batch_bytes):
                 batches.put(batch)
             batches.put(None)
+            throttle = _Throttle(plan.options.max_write_bytes_per_s)
             while (done := converted.get()) is not None:
                 if errors:
                     continue
                 for job, tensor in done:
                     handle.write(tensor_bytes(tensor))
                     progress(job.input_bytes)
+                    throttle.wrote(job.output.nbytes)
             for thread in threads:
                 thread.join()
             if errors:

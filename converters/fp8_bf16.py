@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -271,7 +272,9 @@ def prepare_destination(plan: CastPlan) -> None:
     state_path = state_dir / STATE_FILE
     if dst.exists() and not dst.is_dir():
         raise CastError(f"--dst {dst} exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not plan.options.overwrite:
+    # A state dir without state.json is what a kill right after mkdir leaves: nothing of value.
+    contents = [p for p in dst.iterdir() if p.name != STATE_DIR or state_path.is_file()] if dst.is_dir() else []
+    if contents and not plan.options.overwrite:
         if not state_path.is_file():
             raise CastError(f"--dst {dst} is not empty and holds no conversion of this source; choose an empty directory or pass --overwrite")
         previous = json.loads(state_path.read_text())
@@ -287,11 +290,21 @@ def prepare_destination(plan: CastPlan) -> None:
     atomic_write_bytes(state_path, json.dumps(plan.identity, indent=1, sort_keys=True).encode())
 
 
+def _tmp_name(shard: str) -> str:
+    """Temp names carry host and pid, so parts on other machines never delete each other's work."""
+    return f"{shard}~{socket.gethostname()}~{os.getpid()}.tmp"
+
+
 def _tmp_owner_dead(path: Path) -> bool:
+    """A shard temp file of this host whose process is gone; anything else is left alone."""
     try:
-        pid = int(path.name.rsplit(".", 2)[-2])
-        os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
+        _, host, pid = path.name[: -len(".tmp")].split("~")
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ValueError:
+        return False
+    except ProcessLookupError:
         return True
     except PermissionError:
         return False
@@ -360,7 +373,7 @@ class _Throttle:
 
 def convert_shard(plan: CastPlan, shard: ShardJob, device: torch.device, progress: Callable[[int], None]) -> None:
     """Read, dequantise and write one shard with the three stages overlapping; rename when complete."""
-    tmp = plan.dst / STATE_DIR / f"{shard.name}.{os.getpid()}.tmp"
+    tmp = plan.dst / STATE_DIR / _tmp_name(shard.name)
     errors: list[BaseException] = []
     batches: queue.Queue = queue.Queue()
     loaded: queue.Queue = queue.Queue(maxsize=2)

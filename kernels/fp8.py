@@ -77,11 +77,13 @@ def dequant_fp8_blocks_batched(
     outs = [torch.empty(w.shape, dtype=torch.bfloat16, device=w.device) for w in weights]
     triton_ok = _triton_block_ok(block)
     if _use_triton(weights[0]) and triton_ok and all(w.device == weights[0].device for w in weights):
-        from kernels.fp8_triton import dequant_batched_triton
+        from kernels.fp8_triton import dequant_many_triton, dequant_one_triton
 
         nonempty = [i for i, w in enumerate(weights) if w.numel()]
-        if nonempty:
-            dequant_batched_triton(
+        if len(nonempty) == 1:
+            dequant_one_triton(weights[nonempty[0]], scales[nonempty[0]], outs[nonempty[0]], block)
+        elif nonempty:
+            dequant_many_triton(
                 [weights[i] for i in nonempty], [scales[i] for i in nonempty], [outs[i] for i in nonempty], block
             )
         return outs

@@ -158,19 +158,19 @@ def test_kill_minus_nine_then_resume_is_byte_identical(tmp_path):
     dst = tmp_path / "killed"
     args = [sys.executable, "-m", "converters.cli", "fp8-bf16", "--quiet", "--src", str(source), "--dst", str(dst)]
     slow = ["--batch-mb", "1", "--max-write-mbps", "4"]
-    kills = 0
-    for wait_for in ("*.tmp", "model-00002-of-00006.safetensors"):  # mid-shard, then between shards
-        process = subprocess.Popen([*args, *slow])
+    # a run killed before it wrote its state file left only the state dir and a temp file
+    (dst / ".fp8-bf16").mkdir(parents=True)
+    (dst / ".fp8-bf16" / ".state.json.abc.tmp").write_text("{")
+    for wait_for in ("model-*.tmp", "model-00002-of-00006.safetensors"):  # mid-shard, then between shards
+        process = subprocess.Popen([*args, *slow], stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         pattern_dir = dst / ".fp8-bf16" if wait_for.endswith(".tmp") else dst
         while time.time() < deadline and process.poll() is None and not list(pattern_dir.glob(wait_for)):
             time.sleep(0.01)
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            kills += 1
+        assert process.poll() is None, (wait_for, process.returncode, process.stderr.read())
+        os.kill(process.pid, signal.SIGKILL)
         process.wait()
         assert not (dst / "model.safetensors.index.json").exists()
-    assert kills == 2
     resumed = subprocess.run([*args, "--json"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["shards_skipped"] >= 1

@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,7 @@ class CastSummary:
     finalized: bool = False
     dst: str = ""
     verify: dict[str, int] | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def gb_per_s(self) -> float:
@@ -371,21 +373,42 @@ class _Throttle:
                 time.sleep(ahead)
 
 
-def convert_shard(plan: CastPlan, shard: ShardJob, device: torch.device, progress: Callable[[int], None]) -> None:
-    """Read, dequantise and write one shard with the three stages overlapping; rename when complete."""
+def convert_shard(
+    plan: CastPlan,
+    shard: ShardJob,
+    device: torch.device,
+    progress: Callable[[int], None],
+    committer: ThreadPoolExecutor | None = None,
+) -> tuple[dict[str, float], Future | None]:
+    """Read, dequantise and write one shard with the three stages overlapping; rename when complete.
+
+    With a `committer`, the fsync and rename run there while the caller goes on with the next
+    shard; the returned future says when (and whether) the shard landed. Also returns each stage's
+    busy seconds: the stage whose time is close to the total is the bottleneck.
+    """
     tmp = plan.dst / STATE_DIR / _tmp_name(shard.name)
+    busy = {"read": 0.0, "dequant": 0.0, "write": 0.0, "fsync": 0.0}
     errors: list[BaseException] = []
     batches: queue.Queue = queue.Queue()
     loaded: queue.Queue = queue.Queue(maxsize=2)
     converted: queue.Queue = queue.Queue(maxsize=2)
 
+    pinned = device.type == "cuda"  # page-locked buffers make the copies to and from the GPU asynchronous
+
+    def read(path: Path, info: TensorInfo) -> torch.Tensor:
+        return read_tensor(path, info, torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True) if pinned else None)
+
     def load(batch: list[TensorJob]) -> list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]:
-        return [
-            (job, read_tensor(job.source_path, job.source), read_tensor(job.scale_path, job.scale) if job.scale else None)
+        start = time.perf_counter()
+        items = [
+            (job, read(job.source_path, job.source), read(job.scale_path, job.scale) if job.scale else None)
             for job in batch
         ]
+        busy["read"] += time.perf_counter() - start
+        return items
 
     def dequantise(items: list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]) -> list[tuple[TensorJob, torch.Tensor]]:
+        start = time.perf_counter()
         fp8 = [(job, weight, scale) for job, weight, scale in items if scale is not None]
         results = {}
         if fp8:
@@ -397,7 +420,14 @@ def convert_shard(plan: CastPlan, shard: ShardJob, device: torch.device, progres
                 )
             except FP8FormatError as exc:
                 raise CastError(f"{shard.name}: {exc}") from exc
+            if pinned:
+                host = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True) for out in outs]
+                for target, out in zip(host, outs, strict=True):
+                    target.copy_(out, non_blocking=True)
+                torch.cuda.current_stream(device).synchronize()
+                outs = host
             results = {job.output.name: out.cpu() for (job, _, _), out in zip(fp8, outs, strict=True)}
+        busy["dequant"] += time.perf_counter() - start
         return [(job, results.get(job.output.name, weight)) for job, weight, _ in items]
 
     threads = [
@@ -416,16 +446,32 @@ def convert_shard(plan: CastPlan, shard: ShardJob, device: torch.device, progres
             while (done := converted.get()) is not None:
                 if errors:
                     continue
+                start = time.perf_counter()
                 for job, tensor in done:
                     handle.write(tensor_bytes(tensor))
                     progress(job.input_bytes)
                     throttle.wrote(job.output.nbytes)
+                busy["write"] += time.perf_counter() - start
             for thread in threads:
                 thread.join()
             if errors:
                 raise errors[0]
-            handle.flush()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if committer is None:
+        _commit(plan, shard, tmp, busy)
+        return busy, None
+    return busy, committer.submit(_commit, plan, shard, tmp, busy)
+
+
+def _commit(plan: CastPlan, shard: ShardJob, tmp: Path, busy: dict[str, float]) -> None:
+    """fsync the finished temp file, check its size, and rename it into place."""
+    try:
+        start = time.perf_counter()
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        busy["fsync"] += time.perf_counter() - start
         if tmp.stat().st_size != shard.output_size:
             raise CastError(f"{shard.name}: wrote {tmp.stat().st_size} bytes, expected {shard.output_size}")
         os.replace(tmp, plan.dst / shard.name)
@@ -490,8 +536,21 @@ def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], N
 
         convert_in_workers(plan, pending, device, progress)
     else:
-        for shard in pending:
-            convert_shard(plan, shard, device, progress)
+        # one shard's fsync and rename overlap the next shard's conversion
+        with ThreadPoolExecutor(max_workers=1) as committer:
+            landing: Future | None = None
+            stages = []
+            for shard in pending:
+                busy, future = convert_shard(plan, shard, device, progress, committer)
+                if landing is not None:
+                    landing.result()
+                landing = future
+                stages.append(busy)
+            if landing is not None:
+                landing.result()
+        for busy in stages:
+            for stage, seconds in busy.items():
+                summary.stage_seconds[stage] = round(summary.stage_seconds.get(stage, 0.0) + seconds, 3)
     for shard in pending:
         summary.shards_converted += 1
         summary.tensors += len(shard.jobs)

@@ -7,90 +7,166 @@ whose own float32 -> bfloat16 cast truncates instead of rounding to nearest even
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 # e4m3 bits shifted into a float32 carry the exponent biased by 7 instead of 127: multiplying by
 # 2**120 re-biases exactly (normal and subnormal values alike).
-REBIAS = 2.0**120
-TILE_ROWS = 32
-NUM_WARPS = 4
+REBIAS = tl.constexpr(2.0**120)
+SIGN_AND_MAGNITUDE = tl.constexpr(-2014314496)  # 0x87F00000 as int32
+# Defaults measured on an H100 (bench/RESULTS.md): 128-row tiles, one scale block wide, 8 warps;
+# a tensor too small to fill the GPU with those gets shorter tiles.
+TILE_ROWS = 128
+COL_BLOCKS = 1
+NUM_WARPS = 8
+_MIN_TILE_ROWS = 32
+_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
-def _dequant_tile(weight, scale, out, rows, cols, tile_m, tile_n, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr):
-    r = tile_m.to(tl.int64) * TILE_ROWS + tl.arange(0, TILE_ROWS).to(tl.int64)
-    c = tile_n.to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS).to(tl.int64)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    offsets = r[:, None] * cols + c[None, :]
-
-    fp8 = tl.load(weight + offsets, mask=mask, other=0).to(tl.int32)  # sign-extended byte
-    bits = (fp8 << 20) & -2014314496  # 0x87F00000: sign, 4 exponent and 3 mantissa bits in place
-    value = bits.to(tl.float32, bitcast=True) * REBIAS
+def _dequant_tile(
+    weight, scale, out, rows, cols, tile_m, tile_n,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, NATIVE: tl.constexpr,
+):
+    # 64-bit arithmetic only for the tile's scalar base; per-element offsets stay 32-bit
+    row0 = tile_m.to(tl.int64) * TILE_ROWS
+    col0 = tile_n * BLOCK_COLS
+    rr = tl.arange(0, TILE_ROWS)
+    cc = tl.arange(0, BLOCK_COLS)
+    mask = ((row0 + rr) < rows)[:, None] & ((col0 + cc) < cols)[None, :]
+    base = row0 * cols + col0
+    local = rr[:, None] * cols + cc[None, :]  # int32: < TILE_ROWS * cols < 2**31 (checked by the wrappers)
     scale_cols = (cols + BLOCK_COLS - 1) // BLOCK_COLS
-    scale_row = (tile_m.to(tl.int64) * TILE_ROWS) // BLOCK_ROWS
-    value = value * tl.load(scale + scale_row * scale_cols + tile_n)
-
-    rounded = value.to(tl.int32, bitcast=True)
-    rounded = rounded + 0x7FFF + ((rounded >> 16) & 1)
-    bf16 = (rounded >> 16).to(tl.int16)
-    is_nan = ((fp8 & 0x7F) == 0x7F) | (value != value)
-    tl.store(out + offsets, tl.where(is_nan, 0x7FC0, bf16), mask=mask)
+    factor = tl.load(scale + (row0 // BLOCK_ROWS) * scale_cols + tile_n)
+    raw = tl.load(weight + base + local, mask=mask, other=0)
+    if NATIVE:
+        # sm_89+: hardware e4m3 decode and round-to-nearest-even bf16 conversion
+        value = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * factor
+        bf16 = value.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        is_nan = value != value
+    else:
+        # sm_80/86 (no e4m3 unit) and the interpreter (whose bf16 cast truncates): integer forms
+        bits = (raw.to(tl.int32) << 20) & SIGN_AND_MAGNITUDE  # sign, 4 exponent, 3 mantissa bits
+        value = bits.to(tl.float32, bitcast=True) * REBIAS * factor
+        rounded = value.to(tl.int32, bitcast=True)
+        bf16 = ((rounded + 0x7FFF + ((rounded >> 16) & 1)) >> 16).to(tl.int16)
+        is_nan = ((raw.to(tl.int32) & 0x7F) == 0x7F) | (value != value)
+    tl.store(out + base + local, tl.where(is_nan, 0x7FC0, bf16), mask=mask)
 
 
 @triton.jit
-def _dequant_one(weight, scale, out, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr):
-    _dequant_tile(weight, scale, out, rows, cols, tl.program_id(0), tl.program_id(1), BLOCK_ROWS, BLOCK_COLS, TILE_ROWS)
+def _dequant_span(
+    weight, scale, out, rows, cols, tile_m, first_col_block,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr, NATIVE: tl.constexpr,
+):
+    """TILE_ROWS rows by COL_BLOCKS scale blocks: enough bytes per program to hide its set-up."""
+    col_blocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
+    for j in tl.static_range(COL_BLOCKS):
+        if first_col_block + j < col_blocks:
+            _dequant_tile(weight, scale, out, rows, cols, tile_m, first_col_block + j, BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, NATIVE)
+
+
+@triton.jit
+def _dequant_one(
+    weight, scale, out, rows, cols,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr, NATIVE: tl.constexpr,
+):
+    _dequant_span(
+        weight, scale, out, rows, cols, tl.program_id(0), tl.program_id(1) * COL_BLOCKS,
+        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, COL_BLOCKS, NATIVE,
+    )
 
 
 @triton.jit
 def _dequant_many(
-    weight_ptrs,  # int64[T]: address of each FP8 weight (contiguous, row-major)
-    scale_ptrs,  # int64[T]: address of each float32 scale_inv
-    out_ptrs,  # int64[T]: address of each bf16 output
+    weight_base,  # int8*: the first weight; every weight is addressed relative to it
+    scale_base,  # float32*: the first scale_inv
+    out_base,  # int16*: the first output
+    offsets,  # int64[3, T]: element offsets of each weight, scale_inv and output from the bases
     shapes,  # int64[T, 2]: rows, cols
-    tile_first,  # int64[T]: index of each tensor's first tile
+    program_tensor,  # int32[programs]: the tensor each program works on
+    program_first,  # int32[T]: each tensor's first program
     num_tensors,
-    SEARCH_STEPS: tl.constexpr,  # ceil(log2(T)) + 1
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_COLS: tl.constexpr,
-    TILE_ROWS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr,
+    NATIVE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    low = pid * 0
-    high = low + num_tensors - 1
-    for _ in tl.static_range(SEARCH_STEPS):  # the last tensor whose first tile is <= pid
-        middle = (low + high + 1) // 2
-        ahead = tl.load(tile_first + middle) <= pid
-        low = tl.where(ahead, middle, low)
-        high = tl.where(ahead, high, middle - 1)
-    t = low
+    pid = tl.program_id(0)
+    t = tl.load(program_tensor + pid)
+    local = pid - tl.load(program_first + t)
     rows = tl.load(shapes + 2 * t)
-    cols = tl.load(shapes + 2 * t + 1)
-    local = pid - tl.load(tile_first + t)
-    tiles_per_row = (cols + BLOCK_COLS - 1) // BLOCK_COLS
-    weight = tl.load(weight_ptrs + t).to(tl.pointer_type(tl.int8))
-    scale = tl.load(scale_ptrs + t).to(tl.pointer_type(tl.float32))
-    out = tl.load(out_ptrs + t).to(tl.pointer_type(tl.int16))
-    _dequant_tile(weight, scale, out, rows, cols, local // tiles_per_row, local % tiles_per_row, BLOCK_ROWS, BLOCK_COLS, TILE_ROWS)
+    cols = tl.load(shapes + 2 * t + 1).to(tl.int32)
+    weight_offset = tl.load(offsets + t)
+    out_offset = tl.load(offsets + 2 * num_tensors + t)
+    if ALIGNED:
+        # base + offset keeps the alignment facts that 16-byte vector loads and stores need
+        weight_offset = tl.multiple_of(weight_offset, 16)
+        out_offset = tl.multiple_of(out_offset, 8)
+        cols = tl.multiple_of(cols, 16)
+    spans_per_row = ((cols + BLOCK_COLS - 1) // BLOCK_COLS + COL_BLOCKS - 1) // COL_BLOCKS
+    _dequant_span(
+        weight_base + weight_offset, scale_base + tl.load(offsets + num_tensors + t), out_base + out_offset,
+        rows, cols, local // spans_per_row, (local % spans_per_row) * COL_BLOCKS,
+        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, COL_BLOCKS, NATIVE,
+    )
 
 
-def _tile_rows(block_rows: int, tile_rows: int) -> int:
+MAX_COLS = 1 << 23  # keeps per-tile offsets in 32 bits
+
+
+def _tile_rows(block_rows: int, tile_rows: int, weights: list[torch.Tensor]) -> int:
+    widest = max(w.shape[1] for w in weights)
+    if widest >= MAX_COLS:
+        raise ValueError(f"a {widest}-column FP8 weight is wider than the kernel supports ({MAX_COLS - 1})")
     tile_rows = min(tile_rows, block_rows)
     return tile_rows if block_rows % tile_rows == 0 else block_rows
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def native_fp8(device: torch.device) -> bool:
+    """Hardware e4m3 conversion: CUDA compute capability 8.9 or newer, and not the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _programs(weight: torch.Tensor, block: tuple[int, int], tile_rows: int, col_blocks: int) -> tuple[int, int]:
+    rows, cols = weight.shape
+    return triton.cdiv(rows, tile_rows), triton.cdiv(triton.cdiv(cols, block[1]), col_blocks)
+
+
 def dequant_one_triton(
-    weight: torch.Tensor, scale_inv: torch.Tensor, out: torch.Tensor, block: tuple[int, int], tile_rows: int = TILE_ROWS, num_warps: int = NUM_WARPS
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    out: torch.Tensor,
+    block: tuple[int, int],
+    tile_rows: int | None = None,
+    col_blocks: int = COL_BLOCKS,
+    num_warps: int | None = None,
+    native: bool | None = None,
 ) -> None:
     """One tensor, no host-side tables (CUDA-graph capturable); inputs are already validated."""
-    tile_rows = _tile_rows(block[0], tile_rows)
+    if tile_rows is None:
+        tile_rows = TILE_ROWS
+        wanted = _PROGRAMS_PER_SM * _sm_count(weight.device)
+        while tile_rows > _MIN_TILE_ROWS and math.prod(_programs(weight, block, tile_rows, col_blocks)) < wanted:
+            tile_rows //= 2
+    if num_warps is None:
+        num_warps = NUM_WARPS if tile_rows >= 128 else 4
+    tile_rows = _tile_rows(block[0], tile_rows, [weight])
     rows, cols = weight.shape
-    grid = (triton.cdiv(rows, tile_rows), triton.cdiv(cols, block[1]))
-    _dequant_one[grid](
+    _dequant_one[_programs(weight, block, tile_rows, col_blocks)](
         weight.view(torch.int8), scale_inv, out.view(torch.int16), rows, cols,
-        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, num_warps=num_warps,
+        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, COL_BLOCKS=col_blocks,
+        NATIVE=native_fp8(weight.device) if native is None else native, num_warps=num_warps,
     )
 
 
@@ -100,23 +176,32 @@ def dequant_many_triton(
     outs: list[torch.Tensor],
     block: tuple[int, int],
     tile_rows: int = TILE_ROWS,
+    col_blocks: int = COL_BLOCKS,
     num_warps: int = NUM_WARPS,
+    native: bool | None = None,
 ) -> None:
     """All (weight, scale_inv, out) triples in one launch; inputs are already validated."""
-    tile_rows = _tile_rows(block[0], tile_rows)
+    tile_rows = _tile_rows(block[0], tile_rows, weights)
     device = weights[0].device
-    tile_counts = [triton.cdiv(w.shape[0], tile_rows) * triton.cdiv(w.shape[1], block[1]) for w in weights]
+    counts = [math.prod(_programs(w, block, tile_rows, col_blocks)) for w in weights]
     first = [0]
-    for count in tile_counts[:-1]:
+    for count in counts[:-1]:
         first.append(first[-1] + count)
-    table = torch.tensor(
-        [[w.data_ptr() for w in weights], [s.data_ptr() for s in scales], [o.data_ptr() for o in outs], first],
+    bases = (weights[0].data_ptr(), scales[0].data_ptr(), outs[0].data_ptr())
+    items = (1, 4, 2)  # bytes per element of weight, scale_inv, output
+    offsets = torch.tensor(
+        [[(x.data_ptr() - base) // item for x in group] for group, base, item in zip((weights, scales, outs), bases, items, strict=True)],
         dtype=torch.int64,
     )
+    aligned = all(base % 16 == 0 for base in bases) and all(
+        w.data_ptr() % 16 == 0 and o.data_ptr() % 16 == 0 and w.shape[1] % 16 == 0 for w, o in zip(weights, outs, strict=True)
+    )
     shapes = torch.tensor([list(w.shape) for w in weights], dtype=torch.int64)
-    table, shapes = table.to(device, non_blocking=True), shapes.to(device, non_blocking=True)
-    _dequant_many[(sum(tile_counts),)](
-        table[0], table[1], table[2], shapes, table[3], len(weights),
-        SEARCH_STEPS=max(1, (len(weights) - 1).bit_length() + 1),
-        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, num_warps=num_warps,
+    program_tensor = torch.repeat_interleave(torch.arange(len(weights), dtype=torch.int32), torch.tensor(counts))
+    program_first = torch.tensor(first, dtype=torch.int32)
+    _dequant_many[(sum(counts),)](
+        weights[0].view(torch.int8), scales[0], outs[0].view(torch.int16),
+        offsets.to(device), shapes.to(device), program_tensor.to(device), program_first.to(device), len(weights),
+        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, COL_BLOCKS=col_blocks, ALIGNED=aligned,
+        NATIVE=native_fp8(device) if native is None else native, num_warps=num_warps,
     )

@@ -7,6 +7,7 @@ whose own float32 -> bfloat16 cast truncates instead of rounding to nearest even
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -126,16 +127,21 @@ def _tile_rows(block_rows: int, tile_rows: int, weights: list[torch.Tensor]) -> 
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_facts(device.type, device.index)[0]
 
 
 def native_fp8(device: torch.device) -> bool:
     """Hardware e4m3 conversion: CUDA compute capability 8.9 or newer, and not the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return os.environ.get("TRITON_INTERPRET") != "1" and _cuda_facts(device.type, device.index)[1] >= (8, 9)
+
+
+@functools.cache
+def _cuda_facts(kind: str, index: int | None) -> tuple[int, tuple[int, int]]:
+    """(multiprocessors, compute capability), asked once per device: launches stay cheap."""
+    if kind != "cuda":
+        return 1, (0, 0)
+    device = torch.device(kind, index if index is not None else torch.cuda.current_device())
+    return torch.cuda.get_device_properties(device).multi_processor_count, torch.cuda.get_device_capability(device)
 
 
 def _programs(weight: torch.Tensor, block: tuple[int, int], tile_rows: int, col_blocks: int) -> tuple[int, int]:

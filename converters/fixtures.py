@@ -216,3 +216,43 @@ def make_fp8_checkpoint(dst, overrides: dict[str, Any] | None = None, seed: int 
     }
     write_checkpoint(dst, config, quantise_state_dict(state), shards, move_scale="model.layers.0.self_attn.kv_a_proj_with_mqa.weight")
     return config
+
+
+def load_checkpoint(path) -> dict:
+    """Every tensor of every safetensors shard in a HF dir (tests and the demo; small models only)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    return state
+
+
+def dequantised(fp8_state: dict) -> dict:
+    """The BF16 state dict an FP8 checkpoint stands for: each e4m3 weight times its scale_inv."""
+    import torch
+
+    from kernels.fp8 import dequant_fp8_blocks
+
+    return {
+        name: dequant_fp8_blocks(t, fp8_state[name + "_scale_inv"]) if t.dtype == torch.float8_e4m3fn else t
+        for name, t in fp8_state.items()
+        if not name.endswith("_scale_inv")
+    }
+
+
+def hf_logits(model_dir, token_ids):
+    """float32 logits of a HF checkpoint on CPU, loaded by transformers itself."""
+    import torch
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers: expected
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        return model(token_ids).logits

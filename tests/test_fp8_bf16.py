@@ -16,9 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from converters.fixtures import EXTRA_FILES, make_fp8_checkpoint
+from converters.fixtures import EXTRA_FILES, dequantised, hf_logits, load_checkpoint, make_fp8_checkpoint
 from converters.fp8_bf16 import CastError, CastOptions, plan_cast, run_cast
-from kernels.fp8 import dequant_fp8_blocks
 
 SCALE_ELSEWHERE = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
 
@@ -41,19 +40,7 @@ def convert(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "converters.cli", "fp8-bf16", "--quiet", *args], capture_output=True, text=True, **kwargs)
 
 
-def load_dir(path: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        state.update(load_file(shard))
-    return state
-
-
-def dequantised(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        name: dequant_fp8_blocks(t, source[name + "_scale_inv"]) if t.dtype == torch.float8_e4m3fn else t
-        for name, t in source.items()
-        if not name.endswith("_scale_inv")
-    }
+load_dir = load_checkpoint
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -99,18 +86,13 @@ def test_output_tensors_metadata_index_config_and_files(fp8_model, converted):
 
 
 def test_transformers_logits_equal_the_dequantised_model(fp8_model, converted, tmp_path):
-    transformers = pytest.importorskip("transformers")
     # The reference: the in-memory dequantised weights, saved by safetensors itself, loaded the same way.
     reference_dir = tmp_path / "reference"
     reference_dir.mkdir()
     save_file(dequantised(load_dir(fp8_model)), str(reference_dir / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(converted / "config.json", reference_dir / "config.json")
     ids = torch.randint(0, 320, (2, 19), generator=torch.Generator().manual_seed(0))
-    logits = []
-    for path in (converted, reference_dir):
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits.append(model(ids).logits)
+    logits = [hf_logits(path, ids) for path in (converted, reference_dir)]
     assert torch.isfinite(logits[0]).all()
     assert torch.equal(logits[0], logits[1])  # identical weights, identical computation
 

@@ -87,7 +87,8 @@ def _progress_factory(quiet: bool):
 
 
 def run_fp8_bf16(args: argparse.Namespace) -> int:
-    from converters.fp8_bf16 import CastError, CastOptions, plan_cast, run_cast
+    from converters.fp8_bf16 import CastOptions, plan_cast, run_cast
+    from converters.safety import ConvertError
     from converters.verify import verify_cast
 
     options = CastOptions(
@@ -105,7 +106,7 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
         summary = run_cast(plan, _progress_factory(args.quiet or args.json))
         if args.verify and summary.finalized:
             summary.verify = verify_cast(plan)
-    except CastError as exc:
+    except ConvertError as exc:
         print(f"convert fp8-bf16: error: {exc}", file=sys.stderr)
         return 2
     if args.json:

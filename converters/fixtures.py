@@ -145,7 +145,8 @@ def tiny_bf16_state_dict(overrides: dict[str, Any] | None = None, seed: int = 0)
         state[prefix + "shared_head.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
         state[prefix + "shared_head.head.weight"] = state["lm_head.weight"].clone()
     config = model.config.to_dict()
-    config.update(num_hidden_layers=layers, num_nextn_predict_layers=mtp_layers)
+    # as in the released config.json (transformers 5 no longer writes the router's keys)
+    config.update(num_hidden_layers=layers, num_nextn_predict_layers=mtp_layers, scoring_func="sigmoid", topk_method="noaux_tc")
     for key in ("dtype", "torch_dtype"):
         if key in config:
             config[key] = "bfloat16"

@@ -37,6 +37,7 @@ from converters.safetensors_io import (
     read_tensor,
     tensor_bytes,
 )
+from converters.safety import ConvertError, check_free_space, check_paths
 from kernels.fp8 import DEFAULT_BLOCK, FP8FormatError, dequant_fp8_blocks_batched, scale_shape
 from patcher.fsio import atomic_write_bytes, fsync_dir
 from patcher.hf_config import ConfigEdit, ConfigFormatError
@@ -46,11 +47,10 @@ STATE_FILE = "state.json"
 SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SKIP_DIRS = {".git", ".cache", STATE_DIR}
-_SPACE_MARGIN = 64 * 1024 * 1024
 
 
-class CastError(Exception):
-    """An expected failure (bad input, unsafe request); the message says what and what to do."""
+class CastError(ConvertError):
+    """An expected failure of the FP8 cast; the message says what and what to do."""
 
 
 @dataclass(frozen=True)
@@ -243,17 +243,6 @@ def _plan_shard(
     return ShardJob(name, jobs, encode_header([job.output for job in jobs]))
 
 
-def check_paths(src: Path, dst: Path) -> None:
-    """Refuse a destination equal to, inside, or containing the source."""
-    src_real, dst_real = src.resolve(), dst.resolve()
-    if dst_real == src_real:
-        raise CastError(f"--dst {dst} is the source directory; choose a new directory")
-    if dst_real.is_relative_to(src_real):
-        raise CastError(f"--dst {dst} is inside the source {src}; choose a directory outside it")
-    if src_real.is_relative_to(dst_real):
-        raise CastError(f"--dst {dst} contains the source {src}; choose a directory that does not")
-
-
 def shard_is_done(dst: Path, shard: ShardJob) -> bool:
     """An output shard is complete iff it has exactly the expected header bytes and size."""
     path = dst / shard.name
@@ -311,16 +300,6 @@ def _tmp_owner_dead(path: Path) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def check_free_space(plan: CastPlan, pending: list[ShardJob]) -> None:
-    needed = sum(shard.output_size for shard in pending) + _SPACE_MARGIN
-    free = shutil.disk_usage(plan.dst).free
-    if needed > free:
-        raise CastError(
-            f"not enough space on {plan.dst}: {needed / 1e9:.2f} GB needed for {len(pending)} shard(s), "
-            f"{free / 1e9:.2f} GB free; free space or choose another --dst"
-        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -528,7 +507,7 @@ def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], N
     prepare_destination(plan)
     pending = [shard for shard in mine if not shard_is_done(plan.dst, shard)]
     summary.shards_skipped = len(mine) - len(pending)
-    check_free_space(plan, pending)
+    check_free_space(plan.dst, sum(shard.output_size for shard in pending), f"{len(pending)} shard(s)")
     device = resolve_device(plan.options.device)
     progress = (progress_factory or (lambda total: lambda n: None))(sum(s.input_bytes for s in pending))
     if plan.options.workers > 1 and len(pending) > 1:

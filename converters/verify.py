@@ -7,15 +7,11 @@ import random
 import torch
 
 from converters.fp8_bf16 import CastError, CastPlan, TensorJob
+from converters.hf_source import row_range
 from converters.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
 from kernels.fp8 import dequant_fp8_blocks
 
 _FULL_COMPARE_BYTES = 4 * 1024 * 1024
-
-
-def _rows(info: TensorInfo, start: int, stop: int) -> TensorInfo:
-    row_bytes = info.nbytes // info.shape[0]
-    return TensorInfo(info.name, info.dtype, (stop - start, *info.shape[1:]), info.start + start * row_bytes, info.start + stop * row_bytes)
 
 
 def _check_fp8(plan: CastPlan, job: TensorJob, output: TensorInfo, out_path, rng: random.Random) -> int:
@@ -27,8 +23,8 @@ def _check_fp8(plan: CastPlan, job: TensorJob, output: TensorInfo, out_path, rng
     blocks = 0
     for stripe in chosen:
         start, stop = stripe * block_rows, min(rows, (stripe + 1) * block_rows)
-        expected = dequant_fp8_blocks(read_tensor(job.source_path, _rows(job.source, start, stop)), scale[stripe : stripe + 1], plan.block)
-        actual = read_tensor(out_path, _rows(output, start, stop))
+        expected = dequant_fp8_blocks(read_tensor(job.source_path, row_range(job.source, start, stop)), scale[stripe : stripe + 1], plan.block)
+        actual = read_tensor(out_path, row_range(output, start, stop))
         if not torch.equal(expected.view(torch.int16), actual.view(torch.int16)):
             raise CastError(f"verify: {out_path.name}: {job.output.name} rows {start}-{stop} differ from the dequantised source")
         blocks += scale.shape[1]
@@ -41,8 +37,8 @@ def _check_copy(job: TensorJob, output: TensorInfo, out_path) -> None:
     else:
         stop = max(1, _FULL_COMPARE_BYTES // (job.source.nbytes // job.source.shape[0]))
         same = torch.equal(
-            read_tensor(job.source_path, _rows(job.source, 0, stop)).view(torch.uint8),
-            read_tensor(out_path, _rows(output, 0, stop)).view(torch.uint8),
+            read_tensor(job.source_path, row_range(job.source, 0, stop)).view(torch.uint8),
+            read_tensor(out_path, row_range(output, 0, stop)).view(torch.uint8),
         )
     if not same:
         raise CastError(f"verify: {out_path.name}: {job.output.name} is not byte-identical to the source")

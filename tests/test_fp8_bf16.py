@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from converters.fixtures import EXTRA_FILES, dequantised, hf_logits, load_checkpoint, make_fp8_checkpoint
-from converters.fp8_bf16 import CastError, CastOptions, plan_cast, run_cast
+from converters.fp8_bf16 import CastOptions, plan_cast, run_cast
+from converters.safety import ConvertError
 
 SCALE_ELSEWHERE = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
 
@@ -248,8 +249,8 @@ def test_not_enough_space_is_refused_before_writing(fp8_model, tmp_path, monkeyp
     class Usage:
         free = 1000
 
-    monkeypatch.setattr("converters.fp8_bf16.shutil.disk_usage", lambda path: Usage())
-    with pytest.raises(CastError, match="not enough space"):
+    monkeypatch.setattr("converters.safety.shutil.disk_usage", lambda path: Usage())
+    with pytest.raises(ConvertError, match="not enough space"):
         run_cast(plan)
     assert not list(dst.glob("*.safetensors"))
 

@@ -1,0 +1,198 @@
+"""Streaming writer of Megatron-Core `torch_dist` checkpoints through torch's own DCP file writer.
+
+No model is built and nothing is gathered: every tensor is planned at its global shape as chunks,
+the chunks are packed into bins of bounded size, and each bin becomes one `.distcp` file written by
+torch's FileSystemWriter, which asks our planner for one chunk at a time (`resolve_data`). A chunk
+is read (and dequantised) only then, so memory stays near one bin whatever the model size. Bins are
+independent: workers and machines can write different bins, and the `.metadata` index is written
+last from all of their results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
+
+from converters.mcore_mapping import Chunk, MappingPlan
+from patcher.fsio import atomic_write_bytes
+
+# What megatron-core reads to recognise a torch_dist checkpoint (all four fields: 0.12 .. 0.19).
+CHECKPOINT_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+COMMON_STATE = {"checkpoint_version": 3.0, "iteration": 0}
+RELEASE_DIR = "release"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+STATE_DIR = ".hf-mcore"
+DONE_FILE = ".hf-mcore-source.json"  # kept: lets a re-run recognise its own finished output
+BIN_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One WriteItem and how to make its data."""
+
+    item: WriteItem
+    chunk: Chunk | None  # None: a ShardedObject (empty `_extra_state`)
+    nbytes: int
+
+
+def _payload_none() -> io.BytesIO:
+    # megatron-core stores a ShardedObject as torch.save([data]); None means "no FP8 state"
+    buffer = io.BytesIO()
+    torch.save([None], buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def plan_pieces(mapping: MappingPlan, dtype_of: Callable[[str], torch.dtype]) -> tuple[list[Piece], Metadata]:
+    """WriteItems for every chunk and object, and the global DCP metadata (storage filled later)."""
+    pieces: list[Piece] = []
+    state: dict[str, object] = {}
+    for tensor in mapping.tensors:
+        dtype = dtype_of(tensor.chunks[0].source)
+        properties = TensorProperties(dtype=dtype)
+        size = torch.Size(tensor.shape)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        chunks = []
+        for chunk in tensor.chunks:
+            storage = ChunkStorageMetadata(offsets=torch.Size(chunk.offsets), sizes=torch.Size(chunk.sizes))
+            chunks.append(storage)
+            item = WriteItem(
+                index=MetadataIndex(tensor.key, torch.Size(chunk.offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=storage, properties=properties, size=size),
+            )
+            pieces.append(Piece(item, chunk, int(torch.Size(chunk.sizes).numel()) * itemsize))
+        state[tensor.key] = TensorStorageMetadata(properties=properties, size=size, chunks=chunks)
+    for key in mapping.objects:
+        pieces.append(Piece(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO), None, 64))
+        state[key] = BytesStorageMetadata()
+    metadata = Metadata(state_dict_metadata=state, planner_data={key: (key,) for key in state})
+    return pieces, metadata
+
+
+def make_bins(pieces: list[Piece], limit: int = BIN_BYTES) -> list[list[Piece]]:
+    """Consecutive pieces packed into bins of at most `limit` bytes (a bigger piece gets its own)."""
+    bins: list[list[Piece]] = []
+    size = 0
+    for piece in pieces:
+        if not bins or (size + piece.nbytes > limit and bins[-1]):
+            bins.append([])
+            size = 0
+        bins[-1].append(piece)
+        size += piece.nbytes
+    return bins
+
+
+class StreamingPlanner(SavePlanner):
+    """Hands torch's writer the data of one piece at a time, made on demand by `make_chunk`."""
+
+    def __init__(self, pieces: list[Piece], make_chunk: Callable[[Chunk], torch.Tensor], progress: Callable[[int], None]) -> None:
+        self.pieces = {piece.item.index: piece for piece in pieces}
+        self.make_chunk = make_chunk
+        self.progress = progress
+
+    def set_up_planner(self, *args, **kwargs) -> None:  # the plan is made by plan_pieces
+        pass
+
+    def create_local_plan(self) -> SavePlan:
+        raise NotImplementedError
+
+    def create_global_plan(self, all_plans):
+        raise NotImplementedError
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        return new_plan
+
+    def resolve_data(self, write_item: WriteItem):
+        piece = self.pieces[write_item.index]
+        if piece.chunk is None:
+            return _payload_none()
+        data = self.make_chunk(piece.chunk)
+        expected = tuple(piece.chunk.sizes)
+        if tuple(data.shape) != expected:
+            data = data.reshape(expected)
+        self.progress(piece.nbytes)
+        return data.contiguous()
+
+
+def _results_path(release: Path, index: int) -> Path:
+    return release / STATE_DIR / f"bin_{index:06d}.results"
+
+
+def bin_done(release: Path, index: int) -> bool:
+    return _results_path(release, index).is_file() and (release / f"__{index}_0.distcp").is_file()
+
+
+def write_bin(release: Path, index: int, pieces: list[Piece], make_chunk, progress=lambda n: None) -> None:
+    """Write bin `index` as `__{index}_0.distcp` and record its results (the mark that it is done)."""
+    writer = FileSystemWriter(str(release), single_file_per_rank=True, sync_files=True, thread_count=1, per_thread_copy_ahead=0)
+    writer.set_up_storage_writer(is_coordinator=True)
+    plan = SavePlan([piece.item for piece in pieces], storage_data=_StoragePrefix(f"__{index}_"))
+    results = writer.write_data(plan, StreamingPlanner(pieces, make_chunk, progress)).wait()
+    atomic_write_bytes(_results_path(release, index), pickle.dumps(results))
+
+
+def finish_checkpoint(out: Path, metadata: Metadata, bins: int, identity: str) -> Path:
+    """Write `.metadata` from every bin's results, then the files megatron-core reads; returns release/."""
+    release = out / RELEASE_DIR
+    results = [pickle.loads(_results_path(release, index).read_bytes()) for index in range(bins)]
+    writer = FileSystemWriter(str(release), single_file_per_rank=True, sync_files=True)
+    writer.set_up_storage_writer(is_coordinator=True)
+    # a fixed save id keeps `.metadata` byte-identical between a resumed and an uninterrupted run
+    writer.save_id = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    writer.finish(metadata, results)
+    common = io.BytesIO()
+    torch.save(COMMON_STATE, common)
+    atomic_write_bytes(release / "common.pt", common.getvalue())
+    atomic_write_bytes(release / "metadata.json", json.dumps(CHECKPOINT_METADATA).encode())
+    atomic_write_bytes(out / TRACKER_FILE, b"release")
+    atomic_write_bytes(release / DONE_FILE, identity.encode())
+    for stale in (release / STATE_DIR).glob("*"):
+        stale.unlink()
+    (release / STATE_DIR).rmdir()
+    return release
+
+
+def is_complete(out: Path, identity: str) -> bool:
+    """A finished conversion of the same source with the same options."""
+    release = out / RELEASE_DIR
+    done = release / DONE_FILE
+    return (release / ".metadata").is_file() and done.is_file() and done.read_text() == identity
+
+
+def prepare_release(out: Path, identity: str, overwrite: bool) -> Path:
+    """Create OUT/release/ with our state dir; refuse an unrelated non-empty OUT."""
+    release = out / RELEASE_DIR
+    state = release / STATE_DIR / "identity.json"
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        if not state.is_file() or state.read_text() != identity:
+            raise FileExistsError(
+                f"--dst {out} is not empty and holds no interrupted conversion of this source with these options; "
+                "choose an empty directory or pass --overwrite"
+            )
+    (release / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(state, identity.encode())
+    return release

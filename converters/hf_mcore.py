@@ -1,0 +1,204 @@
+"""`convert hf-mcore`: a HF DeepSeek-V3-class checkpoint (BF16 or FP8) -> Megatron-Core torch_dist.
+
+One process, no GPU needed, bounded memory: tensors are planned at their global shapes from the
+headers alone, then read, dequantised (FP8) and written chunk by chunk into bins of `.distcp` files.
+The result loads at any TP/PP/EP with megatron-core's `dist_checkpointing.load`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata
+
+from converters.dist_ckpt import (
+    BIN_BYTES,
+    RELEASE_DIR,
+    Piece,
+    bin_done,
+    finish_checkpoint,
+    is_complete,
+    make_bins,
+    plan_pieces,
+    prepare_release,
+    write_bin,
+)
+from converters.hf_source import HFCheckpoint, SourceError
+from converters.mcore_config import ConfigError, mcore_config_kwargs
+from converters.mcore_mapping import Chunk, MappingError, check_shapes, plan_mapping
+from converters.safety import ConvertError, check_free_space, check_paths
+
+
+@dataclass(frozen=True)
+class McoreOptions:
+    spec: str = "te"
+    drop_mtp: bool = False
+    device: str = "cpu"
+    workers: int = 1
+    shard_index: int = 0
+    shard_count: int = 1
+    overwrite: bool = False
+    bin_bytes: int = BIN_BYTES
+
+
+@dataclass
+class McorePlan:
+    src: Path
+    dst: Path
+    options: McoreOptions
+    bins: list[list[Piece]]
+    metadata: Metadata
+    identity: str
+    tensors: int
+    objects: int
+
+    def my_bins(self) -> list[int]:
+        return [i for i in range(len(self.bins)) if i % self.options.shard_count == self.options.shard_index]
+
+
+@dataclass
+class McoreSummary:
+    dst: str
+    dist_checkpointing_path: str
+    bins_written: int = 0
+    bins_skipped: int = 0
+    tensors: int = 0
+    objects: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    finalized: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def plan_conversion(src: Path, dst: Path, options: McoreOptions) -> McorePlan:
+    """Everything decided from config.json and the headers; raises ConvertError listing problems."""
+    src, dst = Path(src), Path(dst)
+    check_paths(src, dst)
+    try:
+        source = HFCheckpoint(src)
+        mcore_config_kwargs(source.config)
+        shapes = {name: source.shape(name) for name in source.names()}
+        problems = check_shapes(source.config, shapes)
+        if problems:
+            raise ConvertError(f"{src}: shapes disagree with config.json:\n  " + "\n  ".join(problems))
+        mapping = plan_mapping(source.config, shapes, options.spec, options.drop_mtp)
+    except (SourceError, ConfigError, MappingError, KeyError) as exc:
+        raise ConvertError(f"{src}: {exc}") from exc
+    unmapped = sorted(
+        name
+        for name in shapes
+        if name not in mapping.used_sources and not (options.drop_mtp and _is_mtp(name, source.config))
+    )
+    if unmapped:
+        shown = ", ".join(unmapped[:8]) + (f" and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
+        raise ConvertError(
+            f"{src}: {len(unmapped)} tensor(s) have no Megatron-Core name (not a DeepSeek-V3-class layout?): {shown}"
+        )
+    pieces, metadata = plan_pieces(mapping, source.output_dtype)
+    identity = json.dumps(
+        {
+            "tool": "convert hf-mcore",
+            "source": str(src.resolve()),
+            "spec": options.spec,
+            "drop_mtp": options.drop_mtp,
+            "bin_bytes": options.bin_bytes,
+            "shards": {n: [h.file_size, (src / n).stat().st_mtime_ns] for n, h in source.headers.items()},
+        },
+        sort_keys=True,
+    )
+    return McorePlan(src, dst, options, make_bins(pieces, options.bin_bytes), metadata, identity, len(mapping.tensors), len(mapping.objects))
+
+
+def _is_mtp(name: str, config: dict) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= config["num_hidden_layers"]
+
+
+def _chunk_reader(source: HFCheckpoint):
+    def make_chunk(chunk: Chunk) -> torch.Tensor:
+        return source.read(chunk.source, chunk.rows)
+
+    return make_chunk
+
+
+def _worker(src: str, release: str, bins: list[tuple[int, list[Piece]]], device: str, events) -> None:
+    try:
+        source = HFCheckpoint(Path(src), device)
+        for index, pieces in bins:
+            write_bin(Path(release), index, pieces, _chunk_reader(source), lambda n: events.put(("bytes", n)))
+    except BaseException as exc:  # reported to the parent, which raises it
+        events.put(("error", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from exc
+    events.put(("done", None))
+
+
+def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
+    """Write this part's pending bins (resuming), then `.metadata` and the small files once all are there."""
+    start = time.perf_counter()
+    release = plan.dst / RELEASE_DIR
+    summary = McoreSummary(dst=str(plan.dst), dist_checkpointing_path=str(release), tensors=plan.tensors, objects=plan.objects)
+    if is_complete(plan.dst, plan.identity):
+        summary.bins_skipped = len(plan.my_bins())
+        summary.finalized = True
+        summary.notes.append("already complete: nothing to do")
+        return summary
+    try:
+        prepare_release(plan.dst, plan.identity, plan.options.overwrite)
+    except FileExistsError as exc:
+        raise ConvertError(str(exc)) from exc
+    pending = [i for i in plan.my_bins() if not bin_done(release, i)]
+    summary.bins_skipped = len(plan.my_bins()) - len(pending)
+    needed = sum(piece.nbytes for i in pending for piece in plan.bins[i])
+    check_free_space(plan.dst, needed, f"{len(pending)} bin(s)")
+    progress = (progress_factory or (lambda total: lambda n: None))(needed)
+    device = "cuda" if plan.options.device == "auto" and torch.cuda.is_available() else plan.options.device
+    if device == "auto":
+        device = "cpu"
+    try:
+        if plan.options.workers > 1 and len(pending) > 1:
+            _run_workers(plan, release, pending, device, progress)
+        else:
+            source = HFCheckpoint(plan.src, device)
+            for index in pending:
+                write_bin(release, index, plan.bins[index], _chunk_reader(source), progress)
+    except (SourceError, ValueError) as exc:
+        raise ConvertError(str(exc)) from exc
+    summary.bins_written = len(pending)
+    summary.bytes_out = needed
+    if all(bin_done(release, i) for i in range(len(plan.bins))):
+        finish_checkpoint(plan.dst, plan.metadata, len(plan.bins), plan.identity)
+        summary.finalized = True
+    summary.seconds = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def _run_workers(plan: McorePlan, release: Path, pending: list[int], device: str, progress) -> None:
+    workers = min(plan.options.workers, len(pending))
+    assignment = [[(i, plan.bins[i]) for i in pending[w::workers]] for w in range(workers)]
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    processes = [context.Process(target=_worker, args=(str(plan.src), str(release), bins, device, events), daemon=True) for bins in assignment]
+    for process in processes:
+        process.start()
+    finished, errors = 0, []
+    while finished < len(processes):
+        kind, value = events.get()
+        if kind == "bytes":
+            progress(value)
+        else:
+            finished += 1
+            if kind == "error":
+                errors.append(value)
+    for process in processes:
+        process.join()
+    if errors:
+        raise ConvertError("; ".join(errors))
+

@@ -1,0 +1,92 @@
+"""A HF checkpoint opened lazily: one tensor at a time by name, FP8 weights dequantised on the fly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from converters.safetensors_io import SafetensorsError, TensorInfo, load_index, read_header, read_tensor
+from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks
+
+SCALE_SUFFIX = "_scale_inv"
+
+
+def row_range(info: TensorInfo, start: int, stop: int) -> TensorInfo:
+    """The TensorInfo of rows [start, stop) of a row-major tensor."""
+    row_bytes = info.nbytes // info.shape[0]
+    return TensorInfo(info.name, info.dtype, (stop - start, *info.shape[1:]), info.start + start * row_bytes, info.start + stop * row_bytes)
+
+
+class SourceError(ValueError):
+    """The HF checkpoint cannot give what was asked; the message names the file and tensor."""
+
+
+class HFCheckpoint:
+    """Index and headers read once; tensors read by pread when asked, never a whole shard."""
+
+    def __init__(self, path: Path, device: torch.device | str = "cpu") -> None:
+        self.path = Path(path)
+        self.device = torch.device(device)
+        config_path = self.path / "config.json"
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text())
+        except FileNotFoundError as exc:
+            raise SourceError(f"{config_path}: missing; a HF model dir holds config.json") from exc
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{config_path}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
+        try:
+            self.weight_map, _ = load_index(self.path)
+            self.headers = {name: read_header(self.path / name) for name in sorted(set(self.weight_map.values()))}
+        except (SafetensorsError, FileNotFoundError) as exc:
+            raise SourceError(str(exc)) from exc
+        quantization = self.config.get("quantization_config") or {}
+        self.block = tuple(quantization.get("weight_block_size", DEFAULT_BLOCK))
+
+    def names(self) -> set[str]:
+        return {name for name in self.weight_map if not name.endswith(SCALE_SUFFIX)}
+
+    def info(self, name: str) -> TensorInfo:
+        shard = self.weight_map.get(name)
+        if shard is None or name not in self.headers[shard].tensors:
+            raise SourceError(f"{self.path}: tensor {name} is in no shard")
+        return self.headers[shard].tensors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def is_fp8(self, name: str) -> bool:
+        return self.info(name).dtype == "F8_E4M3"
+
+    def output_dtype(self, name: str) -> torch.dtype:
+        """What `read` returns: BF16 for FP8 weights, the stored dtype otherwise."""
+        from converters.safetensors_io import DTYPES
+
+        return torch.bfloat16 if self.is_fp8(name) else DTYPES[self.info(name).dtype]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [start, stop) of it) as BF16 for FP8 weights, else as stored.
+
+        For an FP8 weight, `start` must be a multiple of the block height.
+        """
+        info = self.info(name)
+        if rows is not None:
+            info = row_range(info, *rows)
+        tensor = read_tensor(self.path / self.weight_map[name], info)
+        if info.dtype != "F8_E4M3":
+            return tensor
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.weight_map:
+            raise SourceError(f"{self.path}: tensor {name} is FP8 but {scale_name} is in no shard")
+        scale_info = self.info(scale_name)
+        if rows is not None:
+            if rows[0] % self.block[0]:
+                raise SourceError(f"{name}: row range {rows} does not start on a {self.block[0]}-row block")
+            scale_info = row_range(scale_info, rows[0] // self.block[0], -(-rows[1] // self.block[0]))
+        scale = read_tensor(self.path / self.weight_map[scale_name], scale_info)
+        try:
+            return dequant_fp8_blocks(tensor.to(self.device), scale.to(self.device), self.block).cpu()
+        except ValueError as exc:
+            raise SourceError(f"{self.path / self.weight_map[name]}: {name}: {exc}") from exc

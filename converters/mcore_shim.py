@@ -1,0 +1,49 @@
+"""Run megatron-core on CPU with gloo (tests, the demo, and loading checks without a GPU).
+
+megatron-core assumes CUDA in a few places; these patches make a tiny model build, run and load a
+dist checkpoint on CPU. Nothing here is needed (or used) on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def install_cpu_shim() -> None:
+    """Patch torch.cuda and megatron-core for CPU; call before building any megatron module."""
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.is_available = lambda: False
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    multi_latent_attention.HAVE_TE = False
+    moe_utils.te_general_gemm = None  # referenced by the fp32 router even when TE is absent
+
+
+def init_distributed(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
+    """gloo process group on 127.0.0.1 and megatron's model-parallel groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+    )
+    model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True, force_reset_rng=True)
+
+
+def local_core_attention():
+    """DotProductAttention that accepts (and ignores) the k/v channel arguments MLA passes."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class CpuDotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None:  # the context is reshaped to heads x v_head_dim
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return CpuDotProductAttention

@@ -23,6 +23,16 @@ Safe to re-run: shards are written to DST/.fp8-bf16/ and renamed when complete; 
 same command skips finished shards and the result is byte-identical. The index is written last.
 """
 
+HF_MCORE_HELP = """\
+Write a Megatron-Core torch_dist checkpoint (the format verl loads with use_dist_checkpointing)
+straight from a HF checkpoint, BF16 or FP8 (dequantised on the fly, same bits as fp8-bf16).
+
+Every tensor is stored at its global shape, so the output loads at any TP/PP/EP/ETP; no GPU and
+no model are needed, and memory stays near one --bin-mb file. The names follow the Transformer
+Engine spec (--spec te, production) or the local spec. Give verl the printed release/ directory as
+actor_rollout_ref.{actor,ref}.megatron.dist_checkpointing_path. Re-running resumes after a kill.
+"""
+
 EXIT_CODES = """\
 exit codes:
   0  done (or nothing to do: the output is already complete)
@@ -71,16 +81,35 @@ def build_parser() -> argparse.ArgumentParser:
     cast.add_argument("--max-write-mbps", type=float, default=None, metavar="MB/s", help="limit the write rate (shared filesystems)")
     cast.add_argument("--json", action="store_true", help="print the summary as JSON")
     cast.add_argument("--quiet", action="store_true", help="no progress bar")
+    mcore = commands.add_parser(
+        "hf-mcore",
+        help="HF checkpoint (BF16 or FP8) -> Megatron-Core torch_dist checkpoint, one process, bounded memory",
+        description=HF_MCORE_HELP,
+        epilog=EXIT_CODES.replace("this --shard part", "this --shard part of the bins")
+        + "\nexample:\n  convert hf-mcore --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-mcore\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mcore.add_argument("--src", type=Path, required=True, help="HF dir: DeepSeek-V3/R1, Kimi-K2, Moonlight, V2-Lite; BF16 or FP8")
+    mcore.add_argument("--dst", type=Path, required=True, help="output dir (gets latest_checkpointed_iteration.txt and release/)")
+    mcore.add_argument("--spec", choices=["te", "local"], default="te", help="Megatron layer spec the names are for (default te)")
+    mcore.add_argument("--drop-mtp", action="store_true", help="leave the MTP layers out")
+    mcore.add_argument("--device", default="cpu", help="where FP8 weights are dequantised: cpu (default), cuda, auto")
+    mcore.add_argument("--workers", type=_positive, default=1, help="processes writing bins in parallel")
+    mcore.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="write part I of N of the bins")
+    mcore.add_argument("--bin-mb", type=_positive, default=512, help="size of each .distcp file, bounds memory (default 512)")
+    mcore.add_argument("--overwrite", action="store_true", help="write into a non-empty DST that holds something else")
+    mcore.add_argument("--json", action="store_true", help="print the summary as JSON")
+    mcore.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
-def _progress_factory(quiet: bool):
+def _progress_factory(quiet: bool, desc: str):
     def factory(total: int):
         if quiet:
             return lambda n: None
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="fp8->bf16", file=sys.stderr)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr)
         return bar.update
 
     return factory
@@ -103,7 +132,7 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
     )
     try:
         plan = plan_cast(args.src, args.dst, options)
-        summary = run_cast(plan, _progress_factory(args.quiet or args.json))
+        summary = run_cast(plan, _progress_factory(args.quiet or args.json, "fp8->bf16"))
         if args.verify and summary.finalized:
             summary.verify = verify_cast(plan)
     except ConvertError as exc:
@@ -123,10 +152,48 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
     return 0 if summary.finalized else 1
 
 
+def run_hf_mcore(args: argparse.Namespace) -> int:
+    from converters.hf_mcore import McoreOptions, plan_conversion, run_conversion
+    from converters.safety import ConvertError
+
+    options = McoreOptions(
+        spec=args.spec,
+        drop_mtp=args.drop_mtp,
+        device=args.device,
+        workers=args.workers,
+        shard_index=args.shard[0],
+        shard_count=args.shard[1],
+        overwrite=args.overwrite,
+        bin_bytes=args.bin_mb * 1024 * 1024,
+    )
+    try:
+        plan = plan_conversion(args.src, args.dst, options)
+        summary = run_conversion(plan, _progress_factory(args.quiet or args.json, "hf->mcore"))
+    except ConvertError as exc:
+        print(f"convert hf-mcore: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        for note in summary.notes:
+            print(note)
+        print(
+            f"{summary.bins_written} bin(s) written, {summary.bins_skipped} already there; {summary.tensors} tensors, "
+            f"{summary.objects} extra-state objects, {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s"
+        )
+        if summary.finalized:
+            print(f"dist_checkpointing_path: {summary.dist_checkpointing_path}")
+        else:
+            print("waiting for the other --shard parts; the last one writes .metadata")
+    return 0 if summary.finalized else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "fp8-bf16":
         return run_fp8_bf16(args)
+    if args.command == "hf-mcore":
+        return run_hf_mcore(args)
     return 2
 
 

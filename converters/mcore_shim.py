@@ -16,6 +16,7 @@ def install_cpu_shim() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.is_available = lambda: False
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # PP>1 moves the shared embedding "to the GPU"
     from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 

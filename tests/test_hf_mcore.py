@@ -1,0 +1,198 @@
+"""convert hf-mcore: checkpoints loaded into real Megatron-Core models (CPU, gloo) against HF logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from converters import dist_ckpt
+from converters.fixtures import make_fp8_checkpoint
+from converters.hf_mcore import McoreOptions, plan_conversion, run_conversion
+from converters.mcore_check import ATOL, compare
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "converters.cli", *args, "--quiet"], capture_output=True, text=True)
+
+
+def to_mcore(src: Path, dst: Path, *extra: str) -> Path:
+    result = convert("hf-mcore", "--src", str(src), "--dst", str(dst), *extra)
+    assert result.returncode == 0, result.stderr
+    assert (dst / "latest_checkpointed_iteration.txt").read_text() == "release"
+    return dst / "release"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf-mcore")
+    fp8, bf16 = root / "fp8", root / "bf16"
+    make_fp8_checkpoint(fp8, shards=3)
+    assert convert("fp8-bf16", "--src", str(fp8), "--dst", str(bf16)).returncode == 0
+    return {"fp8": fp8, "bf16": bf16, "root": root, "te": to_mcore(fp8, root / "mcore-te")}
+
+
+def test_layout_and_metadata_files(models):
+    release = models["te"]
+    assert json.loads((release / "metadata.json").read_text()) == dist_ckpt.CHECKPOINT_METADATA
+    assert torch.load(release / "common.pt") == {"checkpoint_version": 3.0, "iteration": 0}
+    assert (release / ".metadata").is_file() and list(release.glob("__*_0.distcp"))
+    assert not (release / dist_ckpt.STATE_DIR).exists()
+
+
+def test_fp8_and_bf16_sources_give_the_same_tensor_files(models):
+    from_bf16 = to_mcore(models["bf16"], models["root"] / "mcore-from-bf16")
+    files = sorted(p.name for p in models["te"].glob("*.distcp"))
+    assert files == sorted(p.name for p in from_bf16.glob("*.distcp"))
+    for name in files:
+        assert (models["te"] / name).read_bytes() == (from_bf16 / name).read_bytes()
+
+
+def test_te_names_tp1_logits_match_hf(models):
+    # the TE spec's names, loaded into a local-spec model through sharded_state_dict_keys_map
+    assert compare(models["bf16"], models["te"], spec="te") <= ATOL
+
+
+def test_local_spec_tp1_logits_match_hf(models):
+    local = to_mcore(models["fp8"], models["root"] / "mcore-local", "--spec", "local")
+    assert compare(models["bf16"], local, spec="local") <= ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [{"tp": 2}, {"ep": 2}, {"pp": 2}], ids=["tp2", "ep2", "pp2"])
+def test_parallel_layouts_load_and_match_hf(models, layout):
+    assert compare(models["bf16"], models["te"], spec="te", **layout) <= ATOL
+
+
+def test_q_lora_rank_null_and_no_mtp(tmp_path):
+    fp8, bf16 = tmp_path / "fp8", tmp_path / "bf16"
+    make_fp8_checkpoint(fp8, overrides={"q_lora_rank": None, "num_nextn_predict_layers": 0}, shards=2)
+    assert convert("fp8-bf16", "--src", str(fp8), "--dst", str(bf16)).returncode == 0
+    release = to_mcore(fp8, tmp_path / "mcore")
+    assert compare(bf16, release, spec="te") <= ATOL
+
+
+def test_drop_mtp_leaves_mtp_out(models, tmp_path):
+    release = to_mcore(models["fp8"], tmp_path / "mcore", "--drop-mtp", "--json")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(release)).read_metadata().state_dict_metadata
+    assert keys and not any(key.startswith("mtp.") for key in keys)
+
+
+def test_workers_and_parts_write_identical_bins(models, tmp_path):
+    single = to_mcore(models["fp8"], tmp_path / "single", "--bin-mb", "1")
+    workers = to_mcore(models["fp8"], tmp_path / "workers", "--bin-mb", "1", "--workers", "2")
+    first = convert("hf-mcore", "--src", str(models["fp8"]), "--dst", str(tmp_path / "parts"), "--bin-mb", "1", "--shard", "0/2")
+    assert first.returncode == 1 and not (tmp_path / "parts" / "release" / ".metadata").exists()
+    parts = to_mcore(models["fp8"], tmp_path / "parts", "--bin-mb", "1", "--shard", "1/2")
+    names = sorted(p.name for p in single.iterdir())
+    assert len([n for n in names if n.endswith(".distcp")]) > 3
+    for other in (workers, parts):
+        assert sorted(p.name for p in other.iterdir()) == names
+        for name in names:
+            if name.endswith(".distcp"):
+                assert (single / name).read_bytes() == (other / name).read_bytes(), name
+
+
+def test_failure_midway_then_resume_is_identical(models, tmp_path, monkeypatch):
+    reference = to_mcore(models["fp8"], tmp_path / "reference", "--bin-mb", "1")
+    options = McoreOptions(bin_bytes=1024 * 1024)
+    plan = plan_conversion(models["fp8"], tmp_path / "resumed", options)
+    calls = {"count": 0}
+    real_write_bin = dist_ckpt.write_bin
+
+    def failing_write_bin(release, index, pieces, make_chunk, progress=lambda n: None):
+        calls["count"] += 1
+        if calls["count"] == 3:  # die in the middle of the third bin, its file half written
+            (release / f"__{index}_0.distcp").write_bytes(b"partial")
+            raise RuntimeError("killed")
+        return real_write_bin(release, index, pieces, make_chunk, progress)
+
+    monkeypatch.setattr("converters.hf_mcore.write_bin", failing_write_bin)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_conversion(plan)
+    assert not (tmp_path / "resumed" / "release" / ".metadata").exists()
+    monkeypatch.setattr("converters.hf_mcore.write_bin", real_write_bin)
+    summary = run_conversion(plan_conversion(models["fp8"], tmp_path / "resumed", options))
+    assert summary.finalized and summary.bins_skipped == 2
+    resumed = tmp_path / "resumed" / "release"
+    # identical files; .metadata differs only where it records the output path
+    for path in reference.iterdir():
+        if path.name not in (".metadata", dist_ckpt.DONE_FILE):
+            assert (resumed / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def broken_copy(models, tmp_path) -> Path:
+    copy = tmp_path / "broken"
+    shutil.copytree(models["bf16"], copy)
+    return copy
+
+
+def rewrite(model: Path, change) -> None:
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        state = load_file(model / shard)
+        change(state)
+        save_file(state, str(model / shard), metadata={"format": "pt"})
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard} | dict.fromkeys(state, shard)
+    index_path.write_text(json.dumps(index))
+
+
+def test_missing_tensors_are_listed(models, tmp_path):
+    copy = broken_copy(models, tmp_path)
+    rewrite(copy, lambda state: state.pop("model.layers.1.mlp.experts.5.up_proj.weight", None))
+    result = convert("hf-mcore", "--src", str(copy), "--dst", str(tmp_path / "out"))
+    assert result.returncode == 2 and "model.layers.1.mlp.experts.5.up_proj.weight" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_tensor_and_architecture(models, tmp_path):
+    copy = broken_copy(models, tmp_path)
+    rewrite(copy, lambda state: state.update({"model.layers.0.mystery.weight": torch.zeros(2)}) if "model.norm.weight" in state else None)
+    result = convert("hf-mcore", "--src", str(copy), "--dst", str(tmp_path / "out"))
+    assert result.returncode == 2 and "model.layers.0.mystery.weight" in result.stderr
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    result = convert("hf-mcore", "--src", str(copy), "--dst", str(tmp_path / "out"))
+    assert result.returncode == 2 and "not a DeepSeek-V3-class model" in result.stderr
+
+
+def test_shapes_that_disagree_with_config(models, tmp_path):
+    copy = broken_copy(models, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "kv_lora_rank": config["kv_lora_rank"] + 8}))
+    result = convert("hf-mcore", "--src", str(copy), "--dst", str(tmp_path / "out"))
+    assert result.returncode == 2 and "kv_a_proj_with_mqa" in result.stderr and "config.json implies" in result.stderr
+
+
+def test_unsafe_destinations(models, tmp_path):
+    for dst, message in ((models["fp8"] / "out", "inside the source"), (models["fp8"], "is the source")):
+        result = convert("hf-mcore", "--src", str(models["fp8"]), "--dst", str(dst))
+        assert result.returncode == 2 and message in result.stderr
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "keep.txt").write_text("mine")
+    result = convert("hf-mcore", "--src", str(models["fp8"]), "--dst", str(unrelated))
+    assert result.returncode == 2 and "--overwrite" in result.stderr
+
+
+def test_rerun_is_a_no_op(models):
+    before = {p.name: p.read_bytes() for p in models["te"].iterdir()}
+    result = convert("hf-mcore", "--src", str(models["fp8"]), "--dst", str(models["te"].parent), "--json")
+    assert result.returncode == 0 and "already complete" in result.stdout
+    assert {p.name: p.read_bytes() for p in models["te"].iterdir()} == before
+
+
+def test_bins_bound_file_sizes(models, tmp_path):
+    release = to_mcore(models["fp8"], tmp_path / "small-bins", "--bin-mb", "1")
+    sizes = [p.stat().st_size for p in release.glob("*.distcp")]
+    biggest_piece = 400 * 320 * 2  # the largest single chunk here (eh_proj / embeddings) fits in a bin
+    assert max(sizes) <= 1024 * 1024 + biggest_piece + 64 * 1024

@@ -114,11 +114,33 @@ def step_fp8_to_bf16(out: Path) -> str:
     return "bit-exact weights; HF logits equal the dequantised model (max |diff| 0)"
 
 
+def step_hf_mcore(out: Path) -> str:
+    """convert hf-mcore from BF16 and straight from FP8 (same tensor files), then logits vs HF."""
+    from converters.mcore_check import ATOL, compare
+
+    bf16, fp8 = out / "DeepSeek-V3-tiny-BF16", out / "DeepSeek-V3-tiny-FP8"
+    results = {}
+    for name, source in (("from-bf16", bf16), ("from-fp8", fp8)):
+        target = out / f"DeepSeek-V3-tiny-mcore-{name}"
+        shutil.rmtree(target, ignore_errors=True)
+        run_command("convert", "hf-mcore", "--src", str(source), "--dst", str(target), "--quiet")
+        results[name] = target / "release"
+    for path in results["from-bf16"].glob("*.distcp"):
+        if path.read_bytes() != (results["from-fp8"] / path.name).read_bytes():
+            raise DemoFailure(f"{path.name} differs between the BF16 and the FP8 conversion")
+    difference = compare(bf16, results["from-fp8"], spec="te")
+    print(f"\nMegatron-Core (TP=1, local spec reading TE names) vs transformers: max |logits diff| {difference:.2e}")
+    if difference > ATOL:
+        raise DemoFailure(f"Megatron-Core logits differ from HF by {difference} (tolerance {ATOL})")
+    return f"FP8 and BF16 sources give identical files; mcore logits = HF within {difference:.1e}"
+
+
 STEPS: list[tuple[str, Callable[[Path], str]]] = [
     ("patch Megatron (scratch copy)", step_patch_megatron),
     ("patch config.json", step_patch_config),
     ("generate tiny FP8 DeepSeek-V3", step_make_fp8_model),
     ("convert fp8-bf16", step_fp8_to_bf16),
+    ("convert hf-mcore (BF16 and FP8)", step_hf_mcore),
 ]
 
 

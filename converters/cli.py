@@ -100,6 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     mcore.add_argument("--overwrite", action="store_true", help="write into a non-empty DST that holds something else")
     mcore.add_argument("--json", action="store_true", help="print the summary as JSON")
     mcore.add_argument("--quiet", action="store_true", help="no progress bar")
+    export = commands.add_parser(
+        "mcore-hf",
+        help="Megatron-Core torch_dist checkpoint (ours or verl's actor) -> HF safetensors",
+        description="Export a Megatron-Core torch_dist checkpoint of a DeepSeek-V3-class model to HF "
+        "safetensors shards with an index; config.json and tokenizer files come from --hf-config. "
+        "Tensors keep their stored dtype; memory stays near the largest tensor.",
+        epilog="exit codes:\n  0  done\n  2  bad input; the message names the file and tensor\n\nexample:\n"
+        "  convert mcore-hf --src ckpt/global_step_100/actor --hf-config /models/DeepSeek-V3-0324 --dst /models/step100-hf\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("--src", type=Path, required=True, help="checkpoint dir (holding release/ or .metadata)")
+    export.add_argument("--hf-config", type=Path, required=True, help="HF dir whose config.json and tokenizer describe the model")
+    export.add_argument("--dst", type=Path, required=True, help="new output dir")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+    export.add_argument("--json", action="store_true", help="print the summary as JSON")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -188,8 +204,26 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
     return 0 if summary.finalized else 1
 
 
+def run_mcore_hf(args: argparse.Namespace) -> int:
+    from converters.mcore_hf import export_hf
+    from converters.safety import ConvertError
+
+    try:
+        summary = export_hf(args.src, args.hf_config, args.dst, args.overwrite, _progress_factory(args.quiet or args.json, "mcore->hf")(0))
+    except (ConvertError, FileNotFoundError, KeyError) as exc:
+        print(f"convert mcore-hf: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print(f"{summary.tensors} tensors in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: {summary.dst}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "mcore-hf":
+        return run_mcore_hf(args)
     if args.command == "fp8-bf16":
         return run_fp8_bf16(args)
     if args.command == "hf-mcore":

@@ -196,3 +196,36 @@ def test_bins_bound_file_sizes(models, tmp_path):
     sizes = [p.stat().st_size for p in release.glob("*.distcp")]
     biggest_piece = 400 * 320 * 2  # the largest single chunk here (eh_proj / embeddings) fits in a bin
     assert max(sizes) <= 1024 * 1024 + biggest_piece + 64 * 1024
+
+
+@pytest.mark.parametrize("spec", ["te", "local"])
+def test_round_trip_hf_mcore_hf_is_byte_identical(models, tmp_path, spec):
+    from converters.fixtures import hf_logits, load_checkpoint
+
+    release = to_mcore(models["bf16"], tmp_path / "mcore", "--spec", spec, "--bin-mb", "1")
+    back = tmp_path / "back"
+    result = convert("mcore-hf", "--src", str(release.parent), "--hf-config", str(models["bf16"]), "--dst", str(back))
+    assert result.returncode == 0, result.stderr
+    original, exported = load_checkpoint(models["bf16"]), load_checkpoint(back)
+    assert set(original) == set(exported)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype, name
+        assert torch.equal(exported[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in exported.values())
+    ids = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(hf_logits(back, ids), hf_logits(models["bf16"], ids))
+
+
+def test_mcore_hf_refuses_incomplete_checkpoints(models, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = convert("mcore-hf", "--src", str(tmp_path / "empty"), "--hf-config", str(models["bf16"]), "--dst", str(tmp_path / "out"))
+    assert result.returncode == 2 and "no .metadata" in result.stderr
+    release = to_mcore(models["bf16"], tmp_path / "mcore", "--drop-mtp")
+    # a config that asks for more experts than the checkpoint holds
+    config_dir = tmp_path / "config"
+    config_dir.mkdir()
+    config = json.loads((models["bf16"] / "config.json").read_text())
+    (config_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    result = convert("mcore-hf", "--src", str(release), "--hf-config", str(config_dir), "--dst", str(tmp_path / "out2"))
+    assert result.returncode == 2 and "missing" in result.stderr and "decoder.layers.3." in result.stderr

@@ -1,0 +1,252 @@
+"""`convert mcore-hf`: a Megatron-Core torch_dist checkpoint (ours, or verl's actor) back to HF safetensors.
+
+The same mapping table runs backwards: every HF tensor is a region of one mcore tensor. Regions are
+read from the stored DCP chunks that overlap them, one stored chunk at a time, and each HF shard is
+streamed out tensor by tensor, so memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+from converters.mcore_config import moe_layer_freq
+from converters.mcore_mapping import MTP_DUPLICATES, plan_mapping
+from converters.safetensors_io import DTYPE_NAMES, INDEX_NAME, OutputTensor, encode_header, tensor_bytes
+from converters.safety import ConvertError, check_free_space, check_paths
+from patcher.fsio import atomic_write_bytes, fsync_dir
+from patcher.hf_config import ConfigEdit
+
+SHARD_BYTES = 5 * 1000**3
+_SKIP_FROM_CONFIG_DIR = {INDEX_NAME, "config.json"}
+
+
+def hf_tensor_shapes(config: dict[str, Any], mtp_layers: int) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name and shape a DeepSeek-V3-class model of this config has."""
+    h, heads, vocab = config["hidden_size"], config["num_attention_heads"], config["vocab_size"]
+    nope, rope, v = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    q_lora, kv_lora = config.get("q_lora_rank"), config["kv_lora_rank"]
+    moe_inter, experts = config.get("moe_intermediate_size"), config.get("n_routed_experts") or 0
+    layers = config["num_hidden_layers"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+    if not config.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (vocab, h)
+    moe = moe_layer_freq(config) + [1] * mtp_layers
+    for i in range(layers + mtp_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if q_lora:
+            shapes[p + "self_attn.q_a_proj.weight"] = (q_lora, h)
+            shapes[p + "self_attn.q_a_layernorm.weight"] = (q_lora,)
+            shapes[p + "self_attn.q_b_proj.weight"] = (heads * (nope + rope), q_lora)
+        else:
+            shapes[p + "self_attn.q_proj.weight"] = (heads * (nope + rope), h)
+        shapes[p + "self_attn.kv_a_proj_with_mqa.weight"] = (kv_lora + rope, h)
+        shapes[p + "self_attn.kv_a_layernorm.weight"] = (kv_lora,)
+        shapes[p + "self_attn.kv_b_proj.weight"] = (heads * (nope + v), kv_lora)
+        shapes[p + "self_attn.o_proj.weight"] = (h, heads * v)
+        if not moe[i]:
+            inter = config["intermediate_size"]
+            shapes.update({p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h), p + "mlp.down_proj.weight": (h, inter)})
+            continue
+        shapes[p + "mlp.gate.weight"] = (experts, h)
+        if config.get("topk_method", "noaux_tc" if config.get("model_type") != "deepseek_v2" else "greedy") == "noaux_tc":
+            shapes[p + "mlp.gate.e_score_correction_bias"] = (experts,)
+        shared = (config.get("n_shared_experts") or 0) * moe_inter
+        if shared:
+            for proj in ("gate_proj", "up_proj"):
+                shapes[f"{p}mlp.shared_experts.{proj}.weight"] = (shared, h)
+            shapes[p + "mlp.shared_experts.down_proj.weight"] = (h, shared)
+        for e in range(experts):
+            shapes[f"{p}mlp.experts.{e}.gate_proj.weight"] = (moe_inter, h)
+            shapes[f"{p}mlp.experts.{e}.up_proj.weight"] = (moe_inter, h)
+            shapes[f"{p}mlp.experts.{e}.down_proj.weight"] = (h, moe_inter)
+        if i >= layers:
+            shapes.update({p + "enorm.weight": (h,), p + "hnorm.weight": (h,), p + "eh_proj.weight": (h, 2 * h)})
+            shapes.update({p + "shared_head.norm.weight": (h,), p + "embed_tokens.weight": (vocab, h), p + "shared_head.head.weight": (vocab, h)})
+    return shapes
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where an HF tensor lives in the mcore checkpoint: a box of one mcore tensor."""
+
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+class DistCheckpoint:
+    """A torch_dist checkpoint read lazily: regions assembled from the stored chunks that overlap them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not (self.path / ".metadata").is_file():
+            raise ConvertError(f"{self.path}: no .metadata; give the release/ (or iter_*) dir of a finished torch_dist checkpoint")
+        self.metadata = FileSystemReader(str(self.path)).read_metadata()
+        self._cached: tuple[MetadataIndex, torch.Tensor] | None = None
+
+    def tensor_meta(self, key: str) -> TensorStorageMetadata:
+        meta = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(meta, TensorStorageMetadata):
+            raise ConvertError(f"{self.path}: tensor {key} is not in the checkpoint")
+        return meta
+
+    def _chunk(self, key: str, offsets: torch.Size) -> torch.Tensor:
+        index = MetadataIndex(key, offsets)
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        info = self.metadata.storage_data[index]
+        with open(self.path / info.relative_path, "rb") as handle:
+            handle.seek(info.offset)
+            data = handle.read(info.length)
+        tensor = torch.load(io.BytesIO(data), weights_only=True)
+        self._cached = (index, tensor)
+        return tensor
+
+    def read(self, region: Region) -> torch.Tensor:
+        meta = self.tensor_meta(region.key)
+        out = torch.empty(region.sizes, dtype=meta.properties.dtype)
+        covered = 0
+        for chunk in meta.chunks:
+            low = [max(a, b) for a, b in zip(region.offsets, chunk.offsets, strict=True)]
+            high = [min(a + s, b + t) for a, s, b, t in zip(region.offsets, region.sizes, chunk.offsets, chunk.sizes, strict=True)]
+            if any(lo >= hi for lo, hi in zip(low, high, strict=True)):
+                continue
+            stored = self._chunk(region.key, chunk.offsets)
+            source = stored[tuple(slice(lo - o, hi - o) for lo, hi, o in zip(low, high, chunk.offsets, strict=True))]
+            out[tuple(slice(lo - o, hi - o) for lo, hi, o in zip(low, high, region.offsets, strict=True))] = source
+            covered += source.numel()
+        if covered != out.numel():
+            raise ConvertError(f"{self.path}: {region.key} region {region.offsets}+{region.sizes} is not fully stored")
+        return out
+
+
+def detect_spec(keys: set[str]) -> str:
+    if any(key.endswith("self_attention.linear_kv_up_proj.layer_norm_weight") for key in keys):
+        return "te"
+    if any(key.endswith("self_attention.kv_layernorm.weight") for key in keys):
+        return "local"
+    raise ConvertError("the checkpoint has neither TE nor local-spec MLA keys (linear_kv_up_proj.layer_norm_weight / kv_layernorm.weight)")
+
+
+def hf_regions(config: dict[str, Any], keys: set[str]) -> dict[str, list[Region]]:
+    """HF name -> the mcore regions that make it (several when a big tensor was stored in row chunks)."""
+    mtp_layers = len({key.split(".")[2] for key in keys if key.startswith("mtp.layers.")})
+    shapes = hf_tensor_shapes(config, mtp_layers)
+    plan = plan_mapping(config, shapes, detect_spec(keys), drop_mtp=mtp_layers == 0)
+    regions: dict[str, list[Region]] = {}
+    for tensor in plan.tensors:
+        for chunk in tensor.chunks:
+            regions.setdefault(chunk.source, []).append(Region(tensor.key, chunk.offsets, chunk.sizes))
+    layers = config["num_hidden_layers"]
+    for k in range(mtp_layers):  # the MTP layer's copies of the embedding and the head
+        prefix = f"model.layers.{layers + k}."
+        regions[prefix + MTP_DUPLICATES[0]] = regions["model.embed_tokens.weight"]
+        regions[prefix + MTP_DUPLICATES[1]] = regions.get("lm_head.weight", regions["model.embed_tokens.weight"])
+    return {name: regions[name] for name in shapes}
+
+
+@dataclass
+class ExportSummary:
+    dst: str
+    shards: int = 0
+    tensors: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False, progress=lambda n: None) -> ExportSummary:
+    """Write HF safetensors shards + index + config (and the config dir's tokenizer files) from mcore."""
+    start = time.perf_counter()
+    src, hf_config_dir, dst = Path(src), Path(hf_config_dir), Path(dst)
+    if (src / "release").is_dir() and not (src / ".metadata").exists():
+        src = src / "release"
+    check_paths(src, dst)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ConvertError(f"--dst {dst} is not empty; choose an empty directory or pass --overwrite")
+    config_text = (hf_config_dir / "config.json").read_text()
+    config = json.loads(config_text)
+    checkpoint = DistCheckpoint(src)
+    keys = set(checkpoint.metadata.state_dict_metadata)
+    regions = hf_regions(config, keys)
+    missing = sorted({r.key for rs in regions.values() for r in rs} - keys)
+    if missing:
+        raise ConvertError(f"{src}: {len(missing)} tensor(s) the model needs are missing: {', '.join(missing[:8])}")
+    tensors = {
+        name: OutputTensor(name, DTYPE_NAMES[checkpoint.tensor_meta(rs[0].key).properties.dtype], _hf_shape(rs))
+        for name, rs in regions.items()
+    }
+    shards = _assign_shards(list(tensors.values()))
+    total = sum(t.nbytes for t in tensors.values())
+    check_free_space(dst, total, f"{len(tensors)} tensors")
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for index, group in enumerate(shards):
+        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_shard(dst / name, group, regions, checkpoint, progress)
+        weight_map.update(dict.fromkeys((t.name for t in group), name))
+    for path in sorted(hf_config_dir.iterdir()):
+        if path.is_file() and path.name not in _SKIP_FROM_CONFIG_DIR and not path.name.endswith(".safetensors"):
+            shutil.copy2(path, dst / path.name)
+    edit = ConfigEdit(drop_quantization=True, disable_mtp=not any(k.startswith("mtp.") for k in keys), dtype="bfloat16")
+    atomic_write_bytes(dst / "config.json", edit.apply(config_text).encode())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_bytes(dst / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+    return ExportSummary(str(dst), len(shards), len(tensors), total, round(time.perf_counter() - start, 3))
+
+
+def _hf_shape(regions: list[Region]) -> tuple[int, ...]:
+    first = regions[0].sizes
+    if len(first) == 3:  # one expert of a stacked tensor
+        return first[1:]
+    rows = sum(region.sizes[0] for region in regions) if len(regions) > 1 else first[0]
+    return (rows, *first[1:])
+
+
+def _assign_shards(tensors: list[OutputTensor]) -> list[list[OutputTensor]]:
+    shards: list[list[OutputTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def _write_shard(path: Path, group: list[OutputTensor], regions, checkpoint: DistCheckpoint, progress) -> None:
+    from converters.safetensors_io import order_for_writing
+
+    ordered = order_for_writing(group)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(encode_header(ordered))
+            for tensor in ordered:
+                parts = [checkpoint.read(region) for region in regions[tensor.name]]
+                data = torch.cat(parts) if len(parts) > 1 else parts[0]
+                handle.write(tensor_bytes(data.reshape(tensor.shape)))
+                progress(tensor.nbytes)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,triton,megatron,transformers
+EXTRAS ?= test,triton,megatron,transformers,verl
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-fast demo lint clean

@@ -116,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
     export.add_argument("--json", action="store_true", help="print the summary as JSON")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
+    data = commands.add_parser(
+        "math-lighteval",
+        help="MATH-lighteval (parquet, JSON/JSONL, saved datasets dir) -> verl train.parquet / test.parquet",
+        description="Prepare MATH-lighteval for verl GRPO: each row becomes a chat prompt asking for a boxed "
+        "answer, with the last \\boxed{...} of the reference solution as the rule-based ground truth. "
+        "Splits come from the file names (train, test). Rows whose solution has no usable box are skipped "
+        "and counted (--strict: an error).",
+        epilog="exit codes:\n  0  done\n  2  unreadable input, a row without problem/solution, or (--strict) a row without a box\n\n"
+        "example:\n  convert math-lighteval --src dataset/MATH-lighteval --dst data/math\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data.add_argument("--src", type=Path, required=True, help="a file, a dir of split files, or a datasets.save_to_disk dir")
+    data.add_argument("--dst", type=Path, required=True, help="output dir for train.parquet and test.parquet")
+    data.add_argument("--strict", action="store_true", help="a row without a boxed answer is an error")
+    data.add_argument("--json", action="store_true", help="print the counts as JSON")
     return parser
 
 
@@ -220,8 +235,28 @@ def run_mcore_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_math_lighteval(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from converters.math_lighteval import DataError, convert
+
+    try:
+        reports = convert(args.src, args.dst, args.strict)
+    except DataError as exc:
+        print(f"convert math-lighteval: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({split: asdict(report) for split, report in reports.items()}, indent=2))
+    else:
+        for split, report in reports.items():
+            print(f"{split}: {report.written} rows written to {args.dst / (split + '.parquet')}, {report.skipped} skipped (no boxed answer)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "math-lighteval":
+        return run_math_lighteval(args)
     if args.command == "mcore-hf":
         return run_mcore_hf(args)
     if args.command == "fp8-bf16":

@@ -257,3 +257,23 @@ def hf_logits(model_dir, token_ids):
         transformers.logging.set_verbosity(verbosity)
     with torch.no_grad():
         return model(token_ids).logits
+
+
+def math_sample_rows() -> dict[str, list[dict[str, str]]]:
+    """A small MATH-format sample we wrote ourselves: nested braces, \\boxed with a space, \\fbox, no box."""
+    train = [
+        {"problem": "What is $1+1$?", "level": "Level 1", "type": "Prealgebra", "solution": "$1+1=\\boxed{2}$."},
+        {"problem": "Simplify $\\frac{6}{8}$.", "level": "Level 2", "type": "Prealgebra", "solution": "Divide by 2: $\\boxed{\\frac{3}{4}}$."},
+        {"problem": "Solve $x^2=9$, $x>0$.", "level": "Level 1", "type": "Algebra", "solution": "First $x=\\pm 3$; so $\\boxed{3}$... final: $\\boxed{3}$"},
+        {"problem": "Evaluate $\\sqrt{16}$.", "level": "Level 1", "type": "Algebra", "solution": "It is $\\boxed 4$."},
+        {"problem": "Interval for $x^2<4$?", "level": "Level 3", "type": "Algebra", "solution": "$\\boxed{(-2,2)}$"},
+        {"problem": "Name the set $\\{1,2\\}$'s size.", "level": "Level 1", "type": "Counting & Probability", "solution": "Size $\\boxed{2}$ of $\\{1,2\\}$."},
+        {"problem": "Area of a unit square?", "level": "Level 1", "type": "Geometry", "solution": "The area is $\\fbox{1}$."},
+        {"problem": "Proof-only question.", "level": "Level 5", "type": "Number Theory", "solution": "We show it holds for all n. QED"},
+        {"problem": "Unbalanced.", "level": "Level 5", "type": "Algebra", "solution": "Answer: \\boxed{\\frac{1}{2}"},
+    ]
+    test = [
+        {"problem": "What is $2\\cdot 3$?", "level": "Level 1", "type": "Prealgebra", "solution": "$2\\cdot 3 = \\boxed{6}$"},
+        {"problem": "Write $0.5$ as a fraction.", "level": "Level 1", "type": "Prealgebra", "solution": "$\\boxed{\\dfrac{1}{2}}$"},
+    ]
+    return {"train": train, "test": test}

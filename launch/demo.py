@@ -135,12 +135,38 @@ def step_hf_mcore(out: Path) -> str:
     return f"FP8 and BF16 sources give identical files; mcore logits = HF within {difference:.1e}"
 
 
+def step_math_data(out: Path) -> str:
+    """A MATH-format sample we wrote ourselves -> verl parquet; verl's scorer accepts every answer."""
+    import pyarrow.parquet as pq
+
+    from converters.fixtures import math_sample_rows
+
+    raw, data = out / "MATH-sample", out / "math-verl"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, rows in math_sample_rows().items():
+        (raw / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    counts = json.loads(run_command("convert", "math-lighteval", "--src", str(raw), "--dst", str(data), "--json"))
+    try:
+        from verl.utils.reward_score import default_compute_score
+    except ImportError:
+        return f"{counts['train']['written']} train / {counts['test']['written']} test rows (verl not installed: scorer not run)"
+    for split in ("train", "test"):
+        for row in pq.read_table(data / f"{split}.parquet").to_pylist():
+            truth = row["reward_model"]["ground_truth"]
+            score = default_compute_score(row["data_source"], f"The answer is $\\boxed{{{truth}}}$.", truth)
+            if float(score["score"] if isinstance(score, dict) else score) != 1.0:
+                raise DemoFailure(f"verl scores the ground truth {truth!r} as wrong")
+    skipped = counts["train"]["skipped"] + counts["test"]["skipped"]
+    return f"{counts['train']['written']} train / {counts['test']['written']} test rows, {skipped} skipped; verl scores all 1.0"
+
+
 STEPS: list[tuple[str, Callable[[Path], str]]] = [
     ("patch Megatron (scratch copy)", step_patch_megatron),
     ("patch config.json", step_patch_config),
     ("generate tiny FP8 DeepSeek-V3", step_make_fp8_model),
     ("convert fp8-bf16", step_fp8_to_bf16),
     ("convert hf-mcore (BF16 and FP8)", step_hf_mcore),
+    ("convert math-lighteval (sample)", step_math_data),
 ]
 
 

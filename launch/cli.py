@@ -22,6 +22,42 @@ def build_parser() -> argparse.ArgumentParser:
         "The installed megatron-core is never modified: a scratch copy is patched.",
     )
     demo.add_argument("--out", type=Path, default=Path("demo-out"), help="scratch directory (default: demo-out)")
+    plan = commands.add_parser(
+        "plan",
+        help="parallelism plan (TP/PP/EP/ETP, stage layers, rollout TP) with a per-GPU memory estimate",
+        description="Plan Megatron training and vLLM rollout for GRPO. Named recipes reproduce known-good plans "
+        "exactly; without one, the smallest valid layout that fits is chosen, or the request is refused with the "
+        "smallest node count that would work.",
+        epilog="exit codes:\n  0  a plan\n  2  impossible request (the message names the smallest feasible cluster)\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("--model", required=True, help="HF model dir (config.json) or a preset: deepseek-v3, deepseek-r1, deepseek-v3-0324")
+    plan.add_argument("--nodes", type=int, required=True)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu-mem-gb", type=float, default=80, help="80 (H100/A100), 96 (H20), 141 (H200)")
+    plan.add_argument("--recipe", help="pai-16x8, verl-h20-12, verl-h20-16, verl-h20-32, verl-h20-64")
+    plan.add_argument("--json", action="store_true")
+    grpo = commands.add_parser(
+        "grpo",
+        help="verl GRPO on Megatron + vLLM: plan, overrides for the installed verl, preflight (--dry-run)",
+        description="Build the verl GRPO command for a plan (overrides in the installed verl's dialect, the dist "
+        "checkpoint for actor and ref, nodes, data) and check everything that can be checked before a GPU is "
+        "touched: verl's own config composed with every override and validated, the HF config and Megatron "
+        "patches, the dist checkpoint against the model, the data schema. This version runs --dry-run only; "
+        "starting Ray and the run comes next.",
+        epilog="exit codes:\n  0  preflight passed\n  1  a preflight check failed (each says what to do)\n  2  bad arguments or an impossible plan\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    grpo.add_argument("--nodes", type=int, required=True)
+    grpo.add_argument("--model", type=Path, required=True, help="HF model dir (patched config.json, tokenizer)")
+    grpo.add_argument("--mcore-ckpt", type=Path, required=True, help="convert hf-mcore output (or its release/)")
+    grpo.add_argument("--data", type=Path, required=True, help="dir with train.parquet and test.parquet")
+    grpo.add_argument("--recipe", help="a named plan (see `launch plan --help`)")
+    grpo.add_argument("--gpus-per-node", type=int, default=8)
+    grpo.add_argument("--gpu-mem-gb", type=float, default=80)
+    grpo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other verl override (repeatable; wins)")
+    grpo.add_argument("--dry-run", action="store_true", help="print plan, environment, command and preflight; start nothing")
+    grpo.add_argument("--json", action="store_true")
     return parser
 
 
@@ -37,7 +73,60 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("\n" + format_table(results))
         return 0
+    if args.command == "plan":
+        return run_plan(args)
+    if args.command == "grpo":
+        return run_grpo(args)
     return 2
+
+
+def run_grpo(args: argparse.Namespace) -> int:
+    import os
+
+    from launch.grpo import dry_run_json, prepare, print_dry_run
+    from launch.plan import PlanError, make_plan
+
+    if not args.dry_run:
+        print("launch grpo: error: this version plans and checks only; run with --dry-run", file=sys.stderr)
+        return 2
+    try:
+        plan, config = make_plan(str(args.model), args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.recipe)
+    except PlanError as exc:
+        print(f"launch grpo: error: {exc}", file=sys.stderr)
+        return 2
+    report = prepare(plan, config, args.model.resolve(), args.mcore_ckpt.resolve(), args.data.resolve(), args.set, os.environ)
+    if args.json:
+        print(dry_run_json(report))
+    else:
+        print_dry_run(report)
+    return 0 if report["ok"] else 1
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from launch.plan import PlanError, make_plan, plan_report
+
+    try:
+        plan, config = make_plan(args.model, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.recipe)
+    except PlanError as exc:
+        print(f"launch plan: error: {exc}", file=sys.stderr)
+        return 2
+    report = plan_report(plan, config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    memory = report["memory_gb"]
+    print(f"{plan.nodes} nodes x {plan.gpus_per_node} GPUs ({plan.gpu_mem_gb:.0f} GB){' — recipe ' + plan.recipe if plan.recipe else ''}")
+    print(f"  training: TP={plan.tp} PP={plan.pp} EP={plan.ep} ETP={plan.etp} CP={plan.cp} DP={plan.dp}"
+          f"  first/last stage layers: {plan.first_stage_layers}/{plan.last_stage_layers}")
+    print(f"  rollout:  vLLM TP={plan.rollout_tp}, {plan.vllm_engines} engines, gpu_memory_utilization {plan.gpu_memory_utilization}")
+    print(f"  offload:  param={plan.param_offload} grad={plan.grad_offload} optimizer={plan.optimizer_offload}"
+          + (f" (fraction {plan.optimizer_offload_fraction})" if plan.optimizer_offload_fraction else ""))
+    print("  memory per GPU (GB): " + ", ".join(f"{k} {v}" for k, v in memory.items() if isinstance(v, float)))
+    for line in memory["reasoning"]:
+        print(f"    - {line}")
+    return 0
 
 
 if __name__ == "__main__":

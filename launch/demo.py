@@ -160,6 +160,21 @@ def step_math_data(out: Path) -> str:
     return f"{counts['train']['written']} train / {counts['test']['written']} test rows, {skipped} skipped; verl scores all 1.0"
 
 
+def step_plan_and_preflight(out: Path) -> str:
+    """The 16-node plan for the real model, then `launch grpo --dry-run` on the demo model."""
+    run_command("launch", "plan", "--model", "deepseek-v3", "--nodes", "16", "--recipe", "pai-16x8", "--gpu-mem-gb", "96")
+    model = out / "DeepSeek-V3-tiny-BF16"
+    run_command("patcher", "apply", str(model))  # num_nextn_predict_layers: 0, as the seed recipe does
+    report = json.loads(run_command(
+        "launch", "grpo", "--nodes", "16", "--model", str(model), "--mcore-ckpt", str(out / "DeepSeek-V3-tiny-mcore-from-fp8"),
+        "--data", str(out / "math-verl"), "--dry-run", "--json",
+    ))
+    failed = [check["name"] for check in report["preflight"] if not check["ok"]]
+    if failed:
+        raise DemoFailure(f"preflight failed: {', '.join(failed)}")
+    return f"pai-16x8 plan printed; dry run: {len(report['preflight'])} preflight checks pass, {len(report['command'])} argv items"
+
+
 STEPS: list[tuple[str, Callable[[Path], str]]] = [
     ("patch Megatron (scratch copy)", step_patch_megatron),
     ("patch config.json", step_patch_config),
@@ -167,6 +182,7 @@ STEPS: list[tuple[str, Callable[[Path], str]]] = [
     ("convert fp8-bf16", step_fp8_to_bf16),
     ("convert hf-mcore (BF16 and FP8)", step_hf_mcore),
     ("convert math-lighteval (sample)", step_math_data),
+    ("launch plan + grpo --dry-run", step_plan_and_preflight),
 ]
 
 

@@ -1,0 +1,167 @@
+"""`launch grpo`: plan, overrides in the installed verl's dialect, and a preflight before any GPU is touched."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from launch.overrides import build_overrides, command_line, dialect, installed_verl, validate_with_verl
+from launch.plan import Plan, plan_report
+
+NODE_ENVIRONMENT = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
+
+
+@dataclass
+class Cluster:
+    node_rank: int
+    nodes: int
+    head_address: str
+    source: str
+
+
+def cluster_from_env(environ: Mapping[str, str], nodes: int | None = None, node_rank: int | None = None, head: str | None = None) -> Cluster:
+    """Node rank, node count and head address: flags first, then PAI-DLC, MLP_*, Slurm, torchrun-style env."""
+    sources = [
+        ("PAI-DLC", "RANK", "WORLD_SIZE", "MASTER_ADDR"),
+        ("MLP", "MLP_ROLE_INDEX", "MLP_WORKER_NUM", "MLP_WORKER_0_HOST"),
+        ("Slurm", "SLURM_NODEID", "SLURM_NNODES", "SLURM_LAUNCH_NODE_IPADDR"),
+        ("torchrun", "NODE_RANK", "NNODES", "MASTER_ADDR"),
+    ]
+    for name, rank_key, count_key, head_key in sources:
+        if rank_key in environ and count_key in environ:
+            return Cluster(
+                node_rank if node_rank is not None else int(environ[rank_key]),
+                nodes if nodes is not None else int(environ[count_key]),
+                head or environ.get(head_key, "127.0.0.1"),
+                name,
+            )
+    return Cluster(node_rank or 0, nodes or 1, head or "127.0.0.1", "flags")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    message: str
+
+
+@dataclass
+class Preflight:
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, message: str) -> None:
+        self.checks.append(Check(name, ok, message))
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+
+def _check_model(preflight: Preflight, model: Path) -> None:
+    from patcher.patches import HFConfigPatch
+
+    status = HFConfigPatch(model / "config.json").detect() if (model / "config.json").is_file() else None
+    if status is None:
+        preflight.add("HF config", False, f"{model}/config.json not found")
+    elif status.state == "needs-patch":
+        preflight.add("HF config", False, f"{status.message}: run `patcher apply {model}`")
+    else:
+        preflight.add("HF config", status.state != "unsupported", status.message)
+
+
+def _check_megatron(preflight: Preflight, plan: Plan) -> None:
+    from patcher.patches import PatchError, resolve
+
+    try:
+        status = resolve(None).detect()
+    except PatchError as exc:
+        preflight.add("Megatron patch", False, str(exc))
+        return
+    if status.state == "needs-patch" and plan.tp > 1:
+        preflight.add("Megatron patch", False, f"megatron-core {status.version}: {status.message}; run `patcher apply {Path(status.path).parents[4]}` (TP={plan.tp})")
+    else:
+        preflight.add("Megatron patch", status.state != "unsupported", f"megatron-core {status.version}: {status.state}")
+
+
+def _check_checkpoint(preflight: Preflight, ckpt: Path, config: dict) -> None:
+    release = ckpt / "release" if (ckpt / "release" / ".metadata").is_file() else ckpt
+    if not (release / ".metadata").is_file():
+        preflight.add("dist checkpoint", False, f"{ckpt}: no .metadata; convert with `convert hf-mcore` first")
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(release)).read_metadata().state_dict_metadata
+    layers = {int(k.split(".")[2]) for k in keys if k.startswith("decoder.layers.")}
+    experts_key = next((k for k in keys if k.endswith("mlp.experts.experts.linear_fc2.weight")), None)
+    experts = keys[experts_key].size[0] if experts_key else 0
+    expected = (config["num_hidden_layers"], config.get("n_routed_experts") or 0)
+    ok = (len(layers), experts) == expected
+    preflight.add("dist checkpoint", ok, f"{release}: {len(layers)} layers, {experts} experts" + ("" if ok else f"; the model has {expected[0]} layers, {expected[1]} experts"))
+
+
+def _check_data(preflight: Preflight, data: Path) -> None:
+    import pyarrow.parquet as pq
+
+    needed = {"data_source", "prompt", "ability", "reward_model", "extra_info"}
+    for split in ("train", "test"):
+        path = data / f"{split}.parquet"
+        if not path.is_file():
+            preflight.add(f"data {split}", False, f"{path} missing: run `convert math-lighteval`")
+            continue
+        schema = pq.read_schema(path)
+        missing = needed - set(schema.names)
+        rows = pq.ParquetFile(path).metadata.num_rows
+        preflight.add(f"data {split}", not missing and rows > 0, f"{path}: {rows} rows" + (f", missing columns {sorted(missing)}" if missing else ""))
+
+
+def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path, sets: list[str], environ: Mapping[str, str]) -> dict:
+    """Everything `--dry-run` prints: plan, environment, exact command and the preflight results."""
+    preflight = Preflight()
+    if (mcore_ckpt / "release" / "metadata.json").is_file():
+        mcore_ckpt = mcore_ckpt / "release"  # verl wants the directory that holds metadata.json
+    verl_version = installed_verl()
+    if verl_version is None:
+        preflight.add("verl", False, "verl is not importable in this Python: pip install verl (training nodes)")
+        overrides, command = [], []
+    else:
+        preflight.add("verl", True, f"verl {verl_version}")
+        verl_dialect = dialect(verl_version)
+        overrides = build_overrides(plan, model, mcore_ckpt, data, verl_dialect, sets)
+        command = command_line(verl_dialect, overrides)
+        result = validate_with_verl(verl_dialect, overrides)
+        preflight.add("verl config", result["ok"], "composed with every override; verl's validate_config passed" if result["ok"] else result["error"])
+    preflight.add("plan", plan.world == plan.nodes * plan.gpus_per_node, f"{plan.nodes} x {plan.gpus_per_node} GPUs, DP={plan.dp}")
+    _check_model(preflight, model)
+    _check_megatron(preflight, plan)
+    _check_checkpoint(preflight, mcore_ckpt, config)
+    _check_data(preflight, data)
+    cluster = cluster_from_env(environ, nodes=plan.nodes)
+    return {
+        "plan": plan_report(plan, config),
+        "cluster": asdict(cluster),
+        "environment": NODE_ENVIRONMENT,
+        "command": command,
+        "preflight": [asdict(check) for check in preflight.checks],
+        "ok": preflight.ok,
+    }
+
+
+def print_dry_run(report: dict) -> None:
+    plan = report["plan"]
+    print(f"plan: TP={plan['tp']} PP={plan['pp']} EP={plan['ep']} ETP={plan['etp']} CP={plan['cp']} DP={plan['dp']}, "
+          f"stage layers first/last {plan['first_stage_layers']}/{plan['last_stage_layers']}, "
+          f"rollout TP={plan['rollout_tp']} x {plan['vllm_engines']} engines")
+    cluster = report["cluster"]
+    print(f"cluster: node {cluster['node_rank']} of {cluster['nodes']}, head {cluster['head_address']} (from {cluster['source']})")
+    print("environment: " + " ".join(f"{k}={v}" for k, v in report["environment"].items()))
+    print("command:\n  " + " \\\n    ".join(report["command"]) if report["command"] else "command: (verl missing)")
+    print("preflight:")
+    for check in report["preflight"]:
+        print(f"  [{'ok' if check['ok'] else 'FAIL'}] {check['name']}: {check['message']}")
+
+
+def dry_run_json(report: dict) -> str:
+    return json.dumps(report, indent=2, default=str)
+

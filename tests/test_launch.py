@@ -1,0 +1,106 @@
+"""launch: plans against the known recipes, overrides composed against the installed verl, dry run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from packaging.version import Version
+
+from launch.grpo import cluster_from_env
+from launch.overrides import build_overrides, dialect, installed_verl, validate_with_verl
+from launch.plan import RECIPES, PlanError, check_rules, load_model_config, make_plan, stage_split
+
+DSV3 = load_model_config("deepseek-v3")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True)
+
+
+def test_recipes_are_reproduced_exactly():
+    plan, _ = make_plan("deepseek-v3", 16, 8, 96, "pai-16x8")
+    assert (plan.tp, plan.pp, plan.ep, plan.etp, plan.first_stage_layers, plan.last_stage_layers) == (4, 16, 2, 4, 3, 2)
+    assert (plan.rollout_tp, plan.vllm_engines, plan.gpu_memory_utilization) == (32, 4, 0.6)
+    assert plan.param_offload and plan.grad_offload and plan.optimizer_offload
+    assert plan.extra == {"lr": 2e-7, "rollout_n": 2}
+    assert (RECIPES["verl-h20-12"].tp, RECIPES["verl-h20-12"].pp, RECIPES["verl-h20-12"].ep, RECIPES["verl-h20-12"].last_stage_layers) == (8, 12, 8, 6)
+    sixteen = RECIPES["verl-h20-16"]
+    assert (sixteen.tp, sixteen.pp, sixteen.ep, sixteen.etp, sixteen.last_stage_layers, sixteen.optimizer_offload_fraction) == (8, 16, 8, 1, 1, 0.5)
+    assert (RECIPES["verl-h20-64"].tp, RECIPES["verl-h20-64"].pp, RECIPES["verl-h20-64"].ep) == (1, 16, 32)
+    for name, recipe in RECIPES.items():
+        assert check_rules(recipe, DSV3) == [], name
+
+
+def test_divisibility_rules_are_enforced():
+    bad = replace(RECIPES["pai-16x8"], first_stage_layers=4)
+    assert any("do not split evenly" in p for p in check_rules(bad, DSV3))
+    assert any("attention heads" in p for p in check_rules(replace(RECIPES["pai-16x8"], tp=3), DSV3))
+    assert stage_split(61, 16) == (None, 1)
+    assert stage_split(64, 16) == (None, None)
+
+
+def test_impossible_request_names_the_smallest_cluster():
+    with pytest.raises(PlanError, match="smallest feasible cluster is 8 nodes"):
+        make_plan("deepseek-v3", 2, 8, 80)
+    result = run("plan", "--model", "deepseek-v3", "--nodes", "2")
+    assert result.returncode == 2 and "smallest feasible" in result.stderr
+
+
+def test_plan_cli_json():
+    result = run("plan", "--model", "deepseek-v3", "--nodes", "16", "--recipe", "pai-16x8", "--gpu-mem-gb", "96", "--json")
+    report = json.loads(result.stdout)
+    assert report["dp"] == 2 and report["memory_gb"]["fits"] and report["moe_layers"] == 58
+
+
+verl = pytest.importorskip("verl")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_composes_with_installed_verl(name):
+    recipe = RECIPES[name]
+    verl_dialect = dialect(installed_verl())
+    overrides = build_overrides(recipe, Path("/m"), Path("/c/release"), Path("/d"), verl_dialect, ["trainer.project_name=t"])
+    result = validate_with_verl(verl_dialect, overrides)
+    assert result["ok"], result["error"]
+    config = result["config"]
+    for role in ("actor", "ref"):
+        megatron = config["actor_rollout_ref"][role]["megatron"]
+        assert megatron["tensor_model_parallel_size"] == recipe.tp and megatron["pipeline_model_parallel_size"] == recipe.pp
+        assert megatron["expert_model_parallel_size"] == recipe.ep and megatron["dist_checkpointing_path"] == "/c/release"
+        assert megatron["override_transformer_config"]["moe_router_dtype"] == "fp32"
+    assert config["trainer"]["nnodes"] == recipe.nodes and config["algorithm"]["adv_estimator"] == "grpo"
+    assert config["actor_rollout_ref"]["rollout"]["tensor_model_parallel_size"] == recipe.rollout_tp
+    assert config["trainer"]["project_name"] == "t"
+
+
+def test_dialects_and_verl_rejects_wrong_keys():
+    assert dialect(Version("0.7.1")).config_name == "ppo_megatron_trainer"
+    assert dialect(Version("0.8.0")).engine_override == "model_engine=megatron"
+    assert dialect(Version("0.9.0")).grad_offload and not dialect(Version("0.9.1")).grad_offload
+    installed = dialect(installed_verl())
+    overrides = build_overrides(RECIPES["pai-16x8"], Path("/m"), Path("/c"), Path("/d"), installed, ["actor_rollout_ref.actor.megatron.no_such_key=1"])
+    result = validate_with_verl(installed, overrides)
+    assert not result["ok"] and "no_such_key" in result["error"]
+    bad_batch = build_overrides(RECIPES["pai-16x8"], Path("/m"), Path("/c"), Path("/d"), installed, ["data.train_batch_size=3"])
+    result = validate_with_verl(installed, bad_batch)
+    assert not result["ok"] and "train_batch_size" in result["error"]
+
+
+def test_cluster_from_environment():
+    assert cluster_from_env({"RANK": "3", "WORLD_SIZE": "16", "MASTER_ADDR": "10.0.0.1"}).node_rank == 3
+    mlp = cluster_from_env({"MLP_ROLE_INDEX": "2", "MLP_WORKER_NUM": "4", "MLP_WORKER_0_HOST": "h0"})
+    assert (mlp.node_rank, mlp.nodes, mlp.head_address, mlp.source) == (2, 4, "h0", "MLP")
+    slurm = cluster_from_env({"SLURM_NODEID": "1", "SLURM_NNODES": "2"})
+    assert (slurm.node_rank, slurm.nodes, slurm.source) == (1, 2, "Slurm")
+    assert cluster_from_env({"NODE_RANK": "0", "NNODES": "8", "MASTER_ADDR": "a"}).nodes == 8
+    assert cluster_from_env({}, nodes=4, node_rank=1, head="127.0.0.1").source == "flags"
+
+
+def test_grpo_without_dry_run_is_refused():
+    result = run("grpo", "--nodes", "1", "--model", "m", "--mcore-ckpt", "c", "--data", "d")
+    assert result.returncode == 2 and "--dry-run" in result.stderr

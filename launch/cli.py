@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the verl GRPO command for a plan (overrides in the installed verl's dialect, the dist "
         "checkpoint for actor and ref, nodes, data) and check everything that can be checked before a GPU is "
         "touched: verl's own config composed with every override and validated, the HF config and Megatron "
-        "patches, the dist checkpoint against the model, the data schema. This version runs --dry-run only; "
-        "starting Ray and the run comes next.",
+        "patches, the dist checkpoint against the model, the data schema. Then rank 0 starts the Ray head "
+        "(loopback-only dashboard unless --dashboard-host), waits for every node, runs verl with the log teed "
+        "into the run dir and returns its exit code; other ranks join and leave when the head goes away. "
+        "Only the Ray processes this command started are stopped.",
         epilog="exit codes:\n  0  preflight passed\n  1  a preflight check failed (each says what to do)\n  2  bad arguments or an impossible plan\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -57,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--gpu-mem-gb", type=float, default=80)
     grpo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other verl override (repeatable; wins)")
     grpo.add_argument("--dry-run", action="store_true", help="print plan, environment, command and preflight; start nothing")
+    grpo.add_argument("--node-rank", type=int, help="this node's rank (default: from PAI-DLC/MLP/Slurm/torchrun variables, else 0)")
+    grpo.add_argument("--head", help="head node address (default: from the environment, else 127.0.0.1)")
+    grpo.add_argument("--ray-port", type=int, default=6379)
+    grpo.add_argument("--dashboard-host", default="127.0.0.1", help="where Ray's dashboard/job API listen (default loopback only)")
+    grpo.add_argument("--join-timeout", type=float, default=600, help="seconds the head waits for every node (default 600)")
+    grpo.add_argument("--run-dir", type=Path, help="logs go here (default runs/grpo-<time>)")
+    grpo.add_argument("--print-config", action="store_true", help="run verl in config-print mode (--cfg job) instead of training")
     grpo.add_argument("--json", action="store_true")
     return parser
 
@@ -86,20 +96,70 @@ def run_grpo(args: argparse.Namespace) -> int:
     from launch.grpo import dry_run_json, prepare, print_dry_run
     from launch.plan import PlanError, make_plan
 
-    if not args.dry_run:
-        print("launch grpo: error: this version plans and checks only; run with --dry-run", file=sys.stderr)
-        return 2
     try:
         plan, config = make_plan(str(args.model), args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.recipe)
     except PlanError as exc:
         print(f"launch grpo: error: {exc}", file=sys.stderr)
         return 2
     report = prepare(plan, config, args.model.resolve(), args.mcore_ckpt.resolve(), args.data.resolve(), args.set, os.environ)
-    if args.json:
-        print(dry_run_json(report))
-    else:
-        print_dry_run(report)
-    return 0 if report["ok"] else 1
+    if args.dry_run:
+        if args.json:
+            print(dry_run_json(report))
+        else:
+            print_dry_run(report)
+        return 0 if report["ok"] else 1
+    return run_cluster(args, plan, report)
+
+
+def run_cluster(args: argparse.Namespace, plan, report: dict) -> int:
+    import os
+    import time
+
+    from launch.cluster import (
+        ClusterError,
+        NodeSpec,
+        run_tee,
+        start_node,
+        stop_node,
+        stop_on_sigterm,
+        wait_for_nodes,
+        wait_until_head_leaves,
+    )
+    from launch.grpo import NODE_ENVIRONMENT, cluster_from_env
+
+    cluster = cluster_from_env(os.environ, nodes=plan.nodes, node_rank=args.node_rank, head=args.head)
+    spec = NodeSpec(cluster.node_rank, plan.nodes, plan.gpus_per_node, cluster.head_address, args.ray_port, args.dashboard_host)
+    run_dir = args.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if spec.rank == 0 and not report["ok"]:
+        print_failed = [f"{c['name']}: {c['message']}" for c in report["preflight"] if not c["ok"]]
+        print("launch grpo: preflight failed, nothing started:\n  " + "\n  ".join(print_failed), file=sys.stderr)
+        return 1
+    stop_on_sigterm()
+    node = start_node(spec, NODE_ENVIRONMENT, run_dir / f"ray-node{spec.rank}.log")
+    try:
+        if spec.rank != 0:
+            print(f"node {spec.rank}: joined the Ray head at {spec.head}:{spec.port}; waiting for it to finish", flush=True)
+            code = wait_until_head_leaves(node)
+            print(f"node {spec.rank}: the head went away (ray exited {code})", flush=True)
+            return 0
+        try:
+            joined = wait_for_nodes(spec, args.join_timeout)
+        except ClusterError as exc:
+            print(f"launch grpo: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"all {len(joined)} nodes joined with {sum(joined.values()):.0f} GPUs; starting verl (log: {run_dir / 'train.log'})", flush=True)
+        command = report["command"] + (["--cfg", "job"] if args.print_config else [])
+        (run_dir / "command.json").write_text(json.dumps(command, indent=1))
+        environment = {**NODE_ENVIRONMENT, "RAY_ADDRESS": f"{spec.head}:{spec.port}"}
+        code = run_tee(command, run_dir / "train.log", environment, spec.head)
+        print(f"verl exited with code {code}", flush=True)
+        return code
+    except KeyboardInterrupt:
+        print("launch grpo: interrupted; stopping the Ray processes this command started", file=sys.stderr)
+        return 130
+    finally:
+        stop_node(node)
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -101,6 +101,12 @@ def test_cluster_from_environment():
     assert cluster_from_env({}, nodes=4, node_rank=1, head="127.0.0.1").source == "flags"
 
 
-def test_grpo_without_dry_run_is_refused():
-    result = run("grpo", "--nodes", "1", "--model", "m", "--mcore-ckpt", "c", "--data", "d")
-    assert result.returncode == 2 and "--dry-run" in result.stderr
+def test_grpo_refuses_to_start_when_preflight_fails(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**DSV3, "quantization_config": {"fmt": "e4m3"}}))
+    args = ["grpo", "--nodes", "16", "--recipe", "pai-16x8", "--gpu-mem-gb", "96", "--model", str(tmp_path / "model")]
+    result = run(*args, "--mcore-ckpt", str(tmp_path / "none"), "--data", str(tmp_path / "none"))
+    assert result.returncode == 1
+    assert "preflight failed, nothing started" in result.stderr
+    for expected in ("patcher apply", "convert hf-mcore", "convert math-lighteval"):
+        assert expected in result.stderr

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-mem-gb", type=float, default=80, help="80 (H100/A100), 96 (H20), 141 (H200)")
     plan.add_argument("--recipe", help="pai-16x8, verl-h20-12, verl-h20-16, verl-h20-32, verl-h20-64")
     plan.add_argument("--json", action="store_true")
+    doctor = commands.add_parser("doctor", help="installed versions against the tested matrix, and the Megatron patch status")
+    doctor.add_argument("--json", action="store_true")
     grpo = commands.add_parser(
         "grpo",
         help="verl GRPO on Megatron + vLLM: plan, overrides for the installed verl, preflight (--dry-run)",
@@ -87,6 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         return run_plan(args)
     if args.command == "grpo":
         return run_grpo(args)
+    if args.command == "doctor":
+        from launch.doctor import print_report, report
+
+        data = report()
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            print_report(data)
+        return 0 if data["megatron_patch"]["state"] in ("applied", "not-needed") else 1
     return 2
 
 

@@ -110,3 +110,14 @@ def test_grpo_refuses_to_start_when_preflight_fails(tmp_path):
     assert "preflight failed, nothing started" in result.stderr
     for expected in ("patcher apply", "convert hf-mcore", "convert math-lighteval"):
         assert expected in result.stderr
+
+
+def test_doctor_reports_versions_and_patch_status():
+    import torch
+
+    result = run("doctor", "--json")
+    data = json.loads(result.stdout)
+    rows = {row["package"]: row for row in data["packages"]}
+    assert rows["torch"]["installed"] == torch.__version__ and rows["vllm"]["seed"] == "0.8.5"
+    assert data["megatron_patch"]["state"] in ("needs-patch", "applied", "not-needed")
+    assert result.returncode == (0 if data["megatron_patch"]["state"] != "needs-patch" else 1)

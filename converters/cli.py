@@ -140,7 +140,7 @@ def _progress_factory(quiet: bool, desc: str):
             return lambda n: None
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr)
+        bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr)
         return bar.update
 
     return factory

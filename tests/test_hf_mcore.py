@@ -229,3 +229,31 @@ def test_mcore_hf_refuses_incomplete_checkpoints(models, tmp_path):
     (config_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
     result = convert("mcore-hf", "--src", str(release), "--hf-config", str(config_dir), "--dst", str(tmp_path / "out2"))
     assert result.returncode == 2 and "missing" in result.stderr and "decoder.layers.3." in result.stderr
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume(tmp_path):
+    import os
+    import signal
+    import time
+
+    source = tmp_path / "src"
+    make_fp8_checkpoint(source, overrides={"hidden_size": 512, "n_routed_experts": 32, "moe_intermediate_size": 256, "num_hidden_layers": 4}, shards=3)
+    reference = to_mcore(source, tmp_path / "reference", "--bin-mb", "1")
+    dst = tmp_path / "killed"
+    command = [sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(source), "--dst", str(dst), "--bin-mb", "1", "--quiet"]
+    process = subprocess.Popen(command)
+    state = dst / "release" / dist_ckpt.STATE_DIR
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and len(list(state.glob("bin_*.results"))) < 3:
+        time.sleep(0.005)
+    assert process.poll() is None, "the conversion finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (dst / "release" / ".metadata").exists()
+    resumed = subprocess.run([*command, "--json"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["bins_skipped"] >= 3
+    for path in reference.iterdir():
+        if path.name not in (".metadata", dist_ckpt.DONE_FILE):
+            assert (dst / "release" / path.name).read_bytes() == path.read_bytes(), path.name

@@ -31,10 +31,14 @@ _PROGRAMS_PER_SM = 4
 @triton.jit
 def _dequant_tile(
     weight, scale, out, rows, cols, tile_m, tile_n,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, NATIVE: tl.constexpr, WIDE: tl.constexpr,
 ):
-    # 64-bit arithmetic only for the tile's scalar base; per-element offsets stay 32-bit
-    row0 = tile_m.to(tl.int64) * TILE_ROWS
+    # 64-bit arithmetic (tensors of 2**31 elements or more) only for the tile's scalar base;
+    # per-element offsets always stay 32-bit
+    if WIDE:
+        row0 = tile_m.to(tl.int64) * TILE_ROWS
+    else:
+        row0 = tile_m * TILE_ROWS
     col0 = tile_n * BLOCK_COLS
     rr = tl.arange(0, TILE_ROWS)
     cc = tl.arange(0, BLOCK_COLS)
@@ -62,23 +66,24 @@ def _dequant_tile(
 @triton.jit
 def _dequant_span(
     weight, scale, out, rows, cols, tile_m, first_col_block,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr, NATIVE: tl.constexpr, WIDE: tl.constexpr,
 ):
     """TILE_ROWS rows by COL_BLOCKS scale blocks: enough bytes per program to hide its set-up."""
     col_blocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
     for j in tl.static_range(COL_BLOCKS):
         if first_col_block + j < col_blocks:
-            _dequant_tile(weight, scale, out, rows, cols, tile_m, first_col_block + j, BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, NATIVE)
+            _dequant_tile(weight, scale, out, rows, cols, tile_m, first_col_block + j, BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, NATIVE, WIDE)
 
 
 @triton.jit
 def _dequant_one(
     weight, scale, out, rows, cols,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr, NATIVE: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     _dequant_span(
         weight, scale, out, rows, cols, tl.program_id(0), tl.program_id(1) * COL_BLOCKS,
-        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, COL_BLOCKS, NATIVE,
+        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, COL_BLOCKS, NATIVE, WIDE,
     )
 
 
@@ -93,7 +98,7 @@ def _dequant_many(
     program_first,  # int32[T]: each tensor's first program
     num_tensors,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr,
-    NATIVE: tl.constexpr, ALIGNED: tl.constexpr,
+    NATIVE: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(program_tensor + pid)
@@ -111,7 +116,7 @@ def _dequant_many(
     _dequant_span(
         weight_base + weight_offset, scale_base + tl.load(offsets + num_tensors + t), out_base + out_offset,
         rows, cols, local // spans_per_row, (local % spans_per_row) * COL_BLOCKS,
-        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, COL_BLOCKS, NATIVE,
+        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, COL_BLOCKS, NATIVE, WIDE,
     )
 
 
@@ -166,13 +171,13 @@ def dequant_one_triton(
         while tile_rows > _MIN_TILE_ROWS and math.prod(_programs(weight, block, tile_rows, col_blocks)) < wanted:
             tile_rows //= 2
     if num_warps is None:
-        num_warps = NUM_WARPS if tile_rows >= 128 else 4
+        num_warps = 4  # measured: 4 warps beat 8 for one tensor at a time (bench/RESULTS.md)
     tile_rows = _tile_rows(block[0], tile_rows, [weight])
     rows, cols = weight.shape
     _dequant_one[_programs(weight, block, tile_rows, col_blocks)](
         weight.view(torch.int8), scale_inv, out.view(torch.int16), rows, cols,
         BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, COL_BLOCKS=col_blocks,
-        NATIVE=native_fp8(weight.device) if native is None else native, num_warps=num_warps,
+        NATIVE=native_fp8(weight.device) if native is None else native, WIDE=weight.numel() >= 2**31, num_warps=num_warps,
     )
 
 
@@ -209,5 +214,6 @@ def dequant_many_triton(
         weights[0].view(torch.int8), scales[0], outs[0].view(torch.int16),
         offsets.to(device), shapes.to(device), program_tensor.to(device), program_first.to(device), len(weights),
         BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, COL_BLOCKS=col_blocks, ALIGNED=aligned,
+        WIDE=any(w.numel() >= 2**31 for w in weights),
         NATIVE=native_fp8(device) if native is None else native, num_warps=num_warps,
     )

@@ -37,7 +37,7 @@ from converters.safetensors_io import (
     read_tensor,
     tensor_bytes,
 )
-from converters.safety import ConvertError, check_free_space, check_paths
+from converters.safety import ConvertError, check_free_space, check_paths, resolve_device
 from kernels.fp8 import DEFAULT_BLOCK, FP8FormatError, dequant_fp8_blocks_batched, scale_shape
 from patcher.fsio import atomic_write_bytes, fsync_dir
 from patcher.hf_config import ConfigEdit, ConfigFormatError
@@ -300,14 +300,6 @@ def _tmp_owner_dead(path: Path) -> bool:
     except PermissionError:
         return False
     return False
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CastError(f"--device {device}: no CUDA device is visible; use --device cpu")
-    return torch.device(device)
 
 
 def _batches(shard: ShardJob, limit: int) -> Iterator[list[TensorJob]]:

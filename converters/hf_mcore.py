@@ -31,7 +31,7 @@ from converters.dist_ckpt import (
 from converters.hf_source import HFCheckpoint, SourceError
 from converters.mcore_config import ConfigError, mcore_config_kwargs
 from converters.mcore_mapping import Chunk, MappingError, check_shapes, plan_mapping
-from converters.safety import ConvertError, check_free_space, check_paths
+from converters.safety import ConvertError, check_free_space, check_paths, resolve_device
 
 
 @dataclass(frozen=True)
@@ -159,9 +159,7 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
     needed = sum(piece.nbytes for i in pending for piece in plan.bins[i])
     check_free_space(plan.dst, needed, f"{len(pending)} bin(s)")
     progress = (progress_factory or (lambda total: lambda n: None))(needed)
-    device = "cuda" if plan.options.device == "auto" and torch.cuda.is_available() else plan.options.device
-    if device == "auto":
-        device = "cpu"
+    device = str(resolve_device(plan.options.device))
     try:
         if plan.options.workers > 1 and len(pending) > 1:
             _run_workers(plan, release, pending, device, progress)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from converters.safetensors_io import SafetensorsError, TensorInfo, load_index, read_header, read_tensor
+from converters.safetensors_io import DTYPES, SafetensorsError, TensorInfo, load_index, read_header, read_tensor
 from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks
 
 SCALE_SUFFIX = "_scale_inv"
@@ -62,8 +62,6 @@ class HFCheckpoint:
 
     def output_dtype(self, name: str) -> torch.dtype:
         """What `read` returns: BF16 for FP8 weights, the stored dtype otherwise."""
-        from converters.safetensors_io import DTYPES
-
         return torch.bfloat16 if self.is_fp8(name) else DTYPES[self.info(name).dtype]
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:

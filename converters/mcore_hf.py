@@ -22,7 +22,14 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 
 from converters.mcore_config import moe_layer_freq
 from converters.mcore_mapping import MTP_DUPLICATES, plan_mapping
-from converters.safetensors_io import DTYPE_NAMES, INDEX_NAME, OutputTensor, encode_header, tensor_bytes
+from converters.safetensors_io import (
+    DTYPE_NAMES,
+    INDEX_NAME,
+    OutputTensor,
+    encode_header,
+    order_for_writing,
+    tensor_bytes,
+)
 from converters.safety import ConvertError, check_free_space, check_paths
 from patcher.fsio import atomic_write_bytes, fsync_dir
 from patcher.hf_config import ConfigEdit
@@ -231,8 +238,6 @@ def _assign_shards(tensors: list[OutputTensor]) -> list[list[OutputTensor]]:
 
 
 def _write_shard(path: Path, group: list[OutputTensor], regions, checkpoint: DistCheckpoint, progress) -> None:
-    from converters.safetensors_io import order_for_writing
-
     ordered = order_for_writing(group)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,15 +122,6 @@ def read_tensor(path: Path, info: TensorInfo, out: torch.Tensor | None = None) -
     return out[: info.nbytes].view(DTYPES[info.dtype]).view(info.shape)
 
 
-def read_raw(path: Path, info: TensorInfo) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(info.start)
-        data = handle.read(info.nbytes)
-    if len(data) != info.nbytes:
-        raise SafetensorsError(f"{path}: tensor {info.name}: file ended early (truncated shard)")
-    return data
-
-
 @dataclass(frozen=True)
 class OutputTensor:
     name: str
@@ -163,10 +153,6 @@ def encode_header(tensors: list[OutputTensor], metadata: dict[str, str] | None =
     return struct.pack("<Q", len(raw)) + raw
 
 
-def shard_size(tensors: list[OutputTensor], metadata: dict[str, str] | None = None) -> int:
-    return len(encode_header(tensors, metadata)) + sum(t.nbytes for t in tensors)
-
-
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
     flat = tensor.contiguous().view(-1).view(torch.uint8)
@@ -187,7 +173,3 @@ def load_index(model_dir: Path) -> tuple[dict[str, str], dict[str, object]]:
     if single.is_file():
         return {name: SINGLE_NAME for name in read_header(single).tensors}, {}
     raise SafetensorsError(f"{model_dir}: neither {INDEX_NAME} nor {SINGLE_NAME}; is this a Hugging Face model dir?")
-
-
-def iter_shards(weight_map: dict[str, str]) -> Iterator[str]:
-    yield from sorted(set(weight_map.values()))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 SPACE_MARGIN = 64 * 1024 * 1024
 
 
@@ -34,3 +36,12 @@ def check_free_space(dst: Path, needed: int, what: str) -> None:
             f"not enough space on {dst}: {(needed + SPACE_MARGIN) / 1e9:.2f} GB needed for {what}, "
             f"{free / 1e9:.2f} GB free; free space or choose another --dst"
         )
+
+
+def resolve_device(device: str) -> torch.device:
+    """--device auto|cpu|cuda|cuda:N -> a torch device; refuse CUDA where none is visible."""
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConvertError(f"--device {device}: no CUDA device is visible; use --device cpu")
+    return torch.device(device)

@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--node-rank", type=int, help="this node's rank (default: from PAI-DLC/MLP/Slurm/torchrun variables, else 0)")
     grpo.add_argument("--head", help="head node address (default: from the environment, else 127.0.0.1)")
     grpo.add_argument("--ray-port", type=int, default=6379)
+    grpo.add_argument("--ray-address", metavar="URL",
+                      help="submit to an existing Ray cluster's job API (e.g. http://head:8265) with `ray job submit` "
+                      "instead of starting one; run on one machine only")
+    grpo.add_argument("--python", default="python3", help="with --ray-address: the Python that runs verl on the head (default python3)")
     grpo.add_argument("--dashboard-host", default="127.0.0.1", help="where Ray's dashboard/job API listen (default loopback only)")
+    grpo.add_argument("--dashboard-port", type=int, default=8265, help="port of the head's dashboard and job API (default 8265)")
     grpo.add_argument("--join-timeout", type=float, default=600, help="seconds the head waits for every node (default 600)")
     grpo.add_argument("--run-dir", type=Path, help="logs go here (default runs/grpo-<time>)")
     grpo.add_argument("--print-config", action="store_true", help="run verl in config-print mode (--cfg job) instead of training")
@@ -119,17 +124,58 @@ def run_grpo(args: argparse.Namespace) -> int:
         else:
             print_dry_run(report)
         return 0 if report["ok"] else 1
+    if args.ray_address:
+        return run_submit(args, report)
     return run_cluster(args, plan, report)
+
+
+def new_run_dir(args: argparse.Namespace) -> Path:
+    import time
+
+    run_dir = args.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def preflight_failed(report: dict) -> bool:
+    failed = [f"{c['name']}: {c['message']}" for c in report["preflight"] if not c["ok"]]
+    if failed:
+        print("launch grpo: preflight failed, nothing started:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return bool(failed)
+
+
+def trainer_command(args: argparse.Namespace, report: dict, run_dir: Path, python: str | None = None) -> list[str]:
+    command = ([python] if python else report["command"][:1]) + report["command"][1:] + (["--cfg", "job"] if args.print_config else [])
+    (run_dir / "command.json").write_text(json.dumps(command, indent=1))
+    return command
+
+
+def run_submit(args: argparse.Namespace, report: dict) -> int:
+    from launch.cluster import ClusterError, submit_job
+    from launch.grpo import NODE_ENVIRONMENT
+
+    if preflight_failed(report):
+        return 1
+    run_dir = new_run_dir(args)
+    command = trainer_command(args, report, run_dir, args.python)
+    print(f"submitting verl to the Ray cluster at {args.ray_address} (log: {run_dir / 'train.log'})", flush=True)
+    try:
+        code = submit_job(args.ray_address, command, run_dir / "train.log", NODE_ENVIRONMENT)
+    except ClusterError as exc:
+        print(f"launch grpo: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"verl exited with code {code}", flush=True)
+    return code
 
 
 def run_cluster(args: argparse.Namespace, plan, report: dict) -> int:
     import os
-    import time
 
     from launch.cluster import (
         ClusterError,
         NodeSpec,
-        run_tee,
+        is_loopback,
+        run_on_cluster,
         start_node,
         stop_node,
         stop_on_sigterm,
@@ -139,14 +185,15 @@ def run_cluster(args: argparse.Namespace, plan, report: dict) -> int:
     from launch.grpo import NODE_ENVIRONMENT, cluster_from_env
 
     cluster = cluster_from_env(os.environ, nodes=plan.nodes, node_rank=args.node_rank, head=args.head)
-    spec = NodeSpec(cluster.node_rank, plan.nodes, plan.gpus_per_node, cluster.head_address, args.ray_port, args.dashboard_host)
-    run_dir = args.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if spec.rank == 0 and not report["ok"]:
-        print_failed = [f"{c['name']}: {c['message']}" for c in report["preflight"] if not c["ok"]]
-        print("launch grpo: preflight failed, nothing started:\n  " + "\n  ".join(print_failed), file=sys.stderr)
+    spec = NodeSpec(cluster.node_rank, plan.nodes, plan.gpus_per_node, cluster.head_address, args.ray_port,
+                    args.dashboard_host, args.dashboard_port)
+    if spec.rank == 0 and preflight_failed(report):
         return 1
+    run_dir = new_run_dir(args)
     stop_on_sigterm()
+    if spec.rank == 0 and spec.nodes > 1 and is_loopback(spec.head):
+        print("launch grpo: note: a multi-node Ray cluster on loopback runs in Ray's cluster mode, which listens on "
+              "every interface: run it inside a network namespace whose only interface is lo", file=sys.stderr)
     node = start_node(spec, NODE_ENVIRONMENT, run_dir / f"ray-node{spec.rank}.log")
     try:
         if spec.rank != 0:
@@ -160,10 +207,8 @@ def run_cluster(args: argparse.Namespace, plan, report: dict) -> int:
             print(f"launch grpo: error: {exc}", file=sys.stderr)
             return 1
         print(f"all {len(joined)} nodes joined with {sum(joined.values()):.0f} GPUs; starting verl (log: {run_dir / 'train.log'})", flush=True)
-        command = report["command"] + (["--cfg", "job"] if args.print_config else [])
-        (run_dir / "command.json").write_text(json.dumps(command, indent=1))
-        environment = {**NODE_ENVIRONMENT, "RAY_ADDRESS": f"{spec.head}:{spec.port}"}
-        code = run_tee(command, run_dir / "train.log", environment, spec.head)
+        command = trainer_command(args, report, run_dir)
+        code = run_on_cluster(command, run_dir / "train.log", NODE_ENVIRONMENT, spec)
         print(f"verl exited with code {code}", flush=True)
         return code
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,14 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RAY_PORT = 6379
-# With a 127.x head, Ray's local-only mode: every socket on loopback. (In cluster mode Ray 2.60 binds
-# all interfaces and advertises the machine's address even when told 127.0.0.1; that mode also
-# refuses workers, so a loopback head is a single-node cluster.)
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray's local-only mode (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) keeps every socket on loopback but takes
+# no workers. Ray 2.60's cluster mode takes workers but listens on every interface and advertises the
+# machine's address, so a multi-node cluster on 127.0.0.1 (tests) belongs in a network namespace whose
+# only interface is loopback.
+LOCAL_ONLY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def ray_env(head: str) -> dict[str, str]:
-    return LOOPBACK_ENV if head.startswith("127.") or head == "localhost" else {"RAY_USAGE_STATS_ENABLED": "0"}
+def is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "localhost"
 
 
 class ClusterError(RuntimeError):
@@ -40,6 +42,19 @@ class NodeSpec:
     head: str
     port: int = RAY_PORT
     dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+
+    @property
+    def address(self) -> str:
+        return f"{self.head}:{self.port}"
+
+    @property
+    def local_only(self) -> bool:
+        """A one-node cluster on loopback: Ray's local-only mode, nothing listens beyond 127.0.0.1."""
+        return self.nodes == 1 and is_loopback(self.head)
+
+    def ray_env(self) -> dict[str, str]:
+        return {"RAY_USAGE_STATS_ENABLED": "0", **(LOCAL_ONLY_ENV if self.local_only else {})}
 
 
 def ray_executable() -> str:
@@ -54,12 +69,13 @@ def start_node(spec: NodeSpec, environment: dict[str, str], log: Path) -> subpro
     args = [ray_executable(), "start", "--block", f"--num-gpus={spec.gpus}", "--disable-usage-stats",
             f"--resources={json.dumps({f'dsv3_node_{spec.rank}': 1})}"]
     if spec.rank == 0:
-        args += ["--head", f"--port={spec.port}", f"--node-ip-address={spec.head}", f"--dashboard-host={spec.dashboard_host}", "--include-dashboard=false"]
+        args += ["--head", f"--port={spec.port}", f"--node-ip-address={spec.head}", f"--dashboard-host={spec.dashboard_host}",
+                 f"--dashboard-port={spec.dashboard_port}", "--include-dashboard=true"]
     else:
         args += [f"--address={spec.head}:{spec.port}"]
-        if spec.head.startswith("127."):
+        if is_loopback(spec.head):
             args.append("--node-ip-address=127.0.0.1")
-    env = {**os.environ, **ray_env(spec.head), **environment}
+    env = {**os.environ, **spec.ray_env(), **environment}
     handle = open(log, "ab")  # noqa: SIM115 - the child writes to it for its whole life
     return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -78,13 +94,13 @@ def stop_node(process: subprocess.Popen, timeout: float = 30) -> None:
             process.wait()
 
 
-def registered(address: str) -> dict[int, float]:
-    """rank -> GPUs of every alive node of the cluster at `address` (asked in a fresh process)."""
+def registered(spec: NodeSpec) -> dict[int, float]:
+    """rank -> GPUs of every alive node of the cluster at `spec.address` (asked in a fresh process)."""
     probe = (
-        f"import json, ray; ray.init(address={address!r}, logging_level='ERROR');"
+        f"import json, ray; ray.init(address={spec.address!r}, logging_level='ERROR');"
         "print(json.dumps([n['Resources'] for n in ray.nodes() if n['Alive']])); ray.shutdown()"
     )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **ray_env(address)}, timeout=120)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, **spec.ray_env()}, timeout=120)
     lines = [line for line in result.stdout.splitlines() if line.startswith("[")]
     if not lines:
         return {}
@@ -101,7 +117,7 @@ def wait_for_nodes(spec: NodeSpec, timeout: float, poll: float = 2.0) -> dict[in
     deadline = time.monotonic() + timeout
     seen: dict[int, float] = {}
     while time.monotonic() < deadline:
-        seen = registered(f"{spec.head}:{spec.port}")
+        seen = registered(spec)
         if len(seen) == spec.nodes and all(gpus >= spec.gpus for gpus in seen.values()):
             return seen
         time.sleep(poll)
@@ -114,15 +130,31 @@ def wait_for_nodes(spec: NodeSpec, timeout: float, poll: float = 2.0) -> dict[in
     )
 
 
-def run_tee(command: list[str], log: Path, environment: dict[str, str], head: str) -> int:
-    """Run the trainer, copying its output to our stdout and to `log`; return its exit code."""
-    env = {**os.environ, **ray_env(head), **environment}
-    with open(log, "ab") as sink, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
+def run_tee(command: list[str], log: Path, environment: dict[str, str]) -> int:
+    """Run `command` with `environment` added, copying its output to our stdout and to `log`; return its exit code."""
+    with open(log, "ab") as sink, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **environment}) as process:
         for line in process.stdout:
             sys.stdout.buffer.write(line)
             sys.stdout.buffer.flush()
             sink.write(line)
         return process.wait()
+
+
+def run_on_cluster(command: list[str], log: Path, environment: dict[str, str], spec: NodeSpec) -> int:
+    """The trainer on the cluster this command formed (RAY_ADDRESS points verl at it)."""
+    return run_tee(command, log, {**spec.ray_env(), **environment, "RAY_ADDRESS": spec.address})
+
+
+def submit_job(address: str, command: list[str], log: Path, environment: dict[str, str]) -> int:
+    """`ray job submit` to an existing cluster and wait; the entrypoint's own exit code when Ray reports it."""
+    args = [ray_executable(), "job", "submit", f"--address={address}",
+            f"--runtime-env-json={json.dumps({'env_vars': environment})}", "--", *command]
+    code = run_tee(args, log, {"RAY_USAGE_STATS_ENABLED": "0"})
+    if code != 0:  # `ray job submit` says 1 for any failure; the job's status message has the real code
+        found = re.findall(rb"failed with exit code (\d+)", log.read_bytes())
+        if found:
+            return int(found[-1])
+    return code
 
 
 def stop_on_sigterm() -> None:

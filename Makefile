@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,triton,megatron,transformers,verl
+EXTRAS ?= test,triton,megatron,transformers,verl,report
 STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-fast demo lint clean

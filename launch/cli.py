@@ -1,4 +1,4 @@
-"""`launch`: command-line entry for the demo (and, as they land, planning and running GRPO)."""
+"""`launch`: the command line for planning, checking, running and reporting GRPO runs, and the demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from patcher import __version__
 
-DESCRIPTION = "Plan and run verl GRPO for DeepSeek-V3-class models; `launch demo` runs the toolkit end to end."
+DESCRIPTION = "Plan, check and run verl GRPO for DeepSeek-V3-class models, and plot its metrics; `launch demo` runs the toolkit end to end."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-mem-gb", type=float, default=80, help="80 (H100/A100), 96 (H20), 141 (H200)")
     plan.add_argument("--recipe", help="pai-16x8, verl-h20-12, verl-h20-16, verl-h20-32, verl-h20-64")
     plan.add_argument("--json", action="store_true")
+    report = commands.add_parser(
+        "report",
+        help="a run's verl metrics to CSV and PNG plots (reward, validation accuracy, response length, KL, entropy)",
+        description="Read verl's console step lines (`step:N - key:value - ...`) from a run's log and write "
+        "metrics.csv (one row per step, one column per metric) and PNG plots against step: reward, validation "
+        "accuracy, response length, KL, entropy, and overview.png with all of them.",
+        epilog="exit codes:\n  0  report written\n  1  no step lines in the log\n  2  no such run dir or log\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("run", type=Path, metavar="RUN_DIR", help="a `launch grpo` run dir (its train.log) or a log file")
+    report.add_argument("--out", type=Path, help="where to write (default RUN_DIR/report)")
+    report.add_argument("--json", action="store_true", help="print the summary as JSON")
     doctor = commands.add_parser("doctor", help="installed versions against the tested matrix, and the Megatron patch status")
     doctor.add_argument("--json", action="store_true")
     grpo = commands.add_parser(
@@ -94,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_plan(args)
     if args.command == "grpo":
         return run_grpo(args)
+    if args.command == "report":
+        return run_report(args)
     if args.command == "doctor":
         from launch.doctor import print_report, report
 
@@ -216,6 +230,21 @@ def run_cluster(args: argparse.Namespace, plan, report: dict) -> int:
         return 130
     finally:
         stop_node(node)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from launch.report import ReportError, make_report, print_summary
+
+    try:
+        report = make_report(args.run, args.out)
+    except ReportError as exc:
+        print(f"launch report: error: {exc}", file=sys.stderr)
+        return 2 if not args.run.exists() else 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_summary(report)
+    return 0
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -58,6 +58,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _paths(command: argparse.ArgumentParser, src_help: str, dst_help: str) -> None:
+    command.add_argument("--src", type=Path, required=True, help=src_help)
+    command.add_argument("--dst", type=Path, required=True, help=dst_help)
+
+
+def _output_flags(command: argparse.ArgumentParser, overwrite_help: str = "write into a non-empty DST that holds something else") -> None:
+    command.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    command.add_argument("--json", action="store_true", help="print the summary as JSON")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -69,18 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES + "\nexample:\n  convert fp8-bf16 --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-BF16\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    cast.add_argument("--src", type=Path, required=True, help="HF dir with model.safetensors.index.json (or model.safetensors)")
-    cast.add_argument("--dst", type=Path, required=True, help="output dir: new, empty, or an interrupted run of the same command")
+    _paths(cast, "HF dir with model.safetensors.index.json (or model.safetensors)",
+           "output dir: new, empty, or an interrupted run of the same command")
     cast.add_argument("--drop-mtp", action="store_true", help="drop MTP layers (index >= num_hidden_layers), set num_nextn_predict_layers 0")
     cast.add_argument("--device", default="auto", help="auto (CUDA if visible), cuda, cuda:N or cpu")
     cast.add_argument("--workers", type=_positive, default=1, help="processes: one per GPU, or CPU workers (default 1)")
     cast.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="convert part I of N (machines sharing a filesystem)")
-    cast.add_argument("--overwrite", action="store_true", help="write into a non-empty DST that holds something else")
     cast.add_argument("--verify", action="store_true", help="re-read the output and check sampled blocks against the source")
     cast.add_argument("--batch-mb", type=_positive, default=512, help="FP8 bytes dequantised per batch (default 512)")
     cast.add_argument("--max-write-mbps", type=float, default=None, metavar="MB/s", help="limit the write rate (shared filesystems)")
-    cast.add_argument("--json", action="store_true", help="print the summary as JSON")
-    cast.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_flags(cast)
     mcore = commands.add_parser(
         "hf-mcore",
         help="HF checkpoint (BF16 or FP8) -> Megatron-Core torch_dist checkpoint, one process, bounded memory",
@@ -89,17 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         + "\nexample:\n  convert hf-mcore --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-mcore\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    mcore.add_argument("--src", type=Path, required=True, help="HF dir: DeepSeek-V3/R1, Kimi-K2, Moonlight, V2-Lite; BF16 or FP8")
-    mcore.add_argument("--dst", type=Path, required=True, help="output dir (gets latest_checkpointed_iteration.txt and release/)")
+    _paths(mcore, "HF dir: DeepSeek-V3/R1, Kimi-K2, Moonlight, V2-Lite; BF16 or FP8",
+           "output dir (gets latest_checkpointed_iteration.txt and release/)")
     mcore.add_argument("--spec", choices=["te", "local"], default="te", help="Megatron layer spec the names are for (default te)")
     mcore.add_argument("--drop-mtp", action="store_true", help="leave the MTP layers out")
     mcore.add_argument("--device", default="cpu", help="where FP8 weights are dequantised: cpu (default), cuda, auto")
     mcore.add_argument("--workers", type=_positive, default=1, help="processes writing bins in parallel")
     mcore.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="write part I of N of the bins")
     mcore.add_argument("--bin-mb", type=_positive, default=512, help="size of each .distcp file, bounds memory (default 512)")
-    mcore.add_argument("--overwrite", action="store_true", help="write into a non-empty DST that holds something else")
-    mcore.add_argument("--json", action="store_true", help="print the summary as JSON")
-    mcore.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_flags(mcore)
     export = commands.add_parser(
         "mcore-hf",
         help="Megatron-Core torch_dist checkpoint (ours or verl's actor) -> HF safetensors",
@@ -113,9 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--src", type=Path, required=True, help="checkpoint dir (holding release/ or .metadata)")
     export.add_argument("--hf-config", type=Path, required=True, help="HF dir whose config.json and tokenizer describe the model")
     export.add_argument("--dst", type=Path, required=True, help="new output dir")
-    export.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
-    export.add_argument("--json", action="store_true", help="print the summary as JSON")
-    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    _output_flags(export, "write into a non-empty DST")
     data = commands.add_parser(
         "math-lighteval",
         help="MATH-lighteval (parquet, JSON/JSONL, saved datasets dir) -> verl train.parquet / test.parquet",

@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from converters.dist_ckpt import (
     BIN_BYTES,
     RELEASE_DIR,
+    BinWriter,
     Piece,
     bin_done,
     finish_checkpoint,
@@ -26,7 +27,6 @@ from converters.dist_ckpt import (
     make_bins,
     plan_pieces,
     prepare_release,
-    write_bin,
 )
 from converters.hf_source import HFCheckpoint, SourceError
 from converters.mcore_config import ConfigError, mcore_config_kwargs
@@ -132,8 +132,9 @@ def _chunk_reader(source: HFCheckpoint):
 def _worker(src: str, release: str, bins: list[tuple[int, list[Piece]]], device: str, events) -> None:
     try:
         source = HFCheckpoint(Path(src), device)
-        for index, pieces in bins:
-            write_bin(Path(release), index, pieces, _chunk_reader(source), lambda n: events.put(("bytes", n)))
+        with BinWriter(Path(release)) as writer:
+            for index, pieces in bins:
+                writer.write(index, pieces, _chunk_reader(source), lambda n: events.put(("bytes", n)))
     except BaseException as exc:  # reported to the parent, which raises it
         events.put(("error", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from exc
@@ -165,8 +166,9 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
             _run_workers(plan, release, pending, device, progress)
         else:
             source = HFCheckpoint(plan.src, device)
-            for index in pending:
-                write_bin(release, index, plan.bins[index], _chunk_reader(source), progress)
+            with BinWriter(release) as writer:
+                for index in pending:
+                    writer.write(index, plan.bins[index], _chunk_reader(source), progress)
     except (SourceError, ValueError) as exc:
         raise ConvertError(str(exc)) from exc
     summary.bins_written = len(pending)

@@ -106,20 +106,20 @@ def test_failure_midway_then_resume_is_identical(models, tmp_path, monkeypatch):
     options = McoreOptions(bin_bytes=1024 * 1024)
     plan = plan_conversion(models["fp8"], tmp_path / "resumed", options)
     calls = {"count": 0}
-    real_write_bin = dist_ckpt.write_bin
+    real_write = dist_ckpt.BinWriter.write
 
-    def failing_write_bin(release, index, pieces, make_chunk, progress=lambda n: None):
+    def failing_write(writer, index, pieces, make_chunk, progress=lambda n: None):
         calls["count"] += 1
         if calls["count"] == 3:  # die in the middle of the third bin, its file half written
-            (release / f"__{index}_0.distcp").write_bytes(b"partial")
+            (writer.release / f"__{index}_0.distcp").write_bytes(b"partial")
             raise RuntimeError("killed")
-        return real_write_bin(release, index, pieces, make_chunk, progress)
+        return real_write(writer, index, pieces, make_chunk, progress)
 
-    monkeypatch.setattr("converters.hf_mcore.write_bin", failing_write_bin)
+    monkeypatch.setattr(dist_ckpt.BinWriter, "write", failing_write)
     with pytest.raises(RuntimeError, match="killed"):
         run_conversion(plan)
     assert not (tmp_path / "resumed" / "release" / ".metadata").exists()
-    monkeypatch.setattr("converters.hf_mcore.write_bin", real_write_bin)
+    monkeypatch.setattr(dist_ckpt.BinWriter, "write", real_write)
     summary = run_conversion(plan_conversion(models["fp8"], tmp_path / "resumed", options))
     assert summary.finalized and summary.bins_skipped == 2
     resumed = tmp_path / "resumed" / "release"

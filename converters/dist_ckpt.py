@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -128,6 +129,7 @@ class StreamingPlanner(SavePlanner):
         self.prefetch_bytes = prefetch_bytes
         self.pending: dict[MetadataIndex, Future] = {}
         self.executor: ThreadPoolExecutor | None = None
+        self.seconds = {"read": 0.0, "wait_for_read": 0.0}  # making chunks (any thread); the writer blocked on them
 
     def set_up_planner(self, *args, **kwargs) -> None:  # the plan is made by plan_pieces
         pass
@@ -142,11 +144,14 @@ class StreamingPlanner(SavePlanner):
         return new_plan
 
     def _make(self, piece: Piece) -> torch.Tensor:
+        start = time.perf_counter()
         data = self.make_chunk(piece.chunk)
         expected = tuple(piece.chunk.sizes)
         if tuple(data.shape) != expected:
             data = data.reshape(expected)
-        return data.contiguous()
+        data = data.contiguous()
+        self.seconds["read"] += time.perf_counter() - start
+        return data
 
     def _prefetch_after(self, index: MetadataIndex) -> None:
         ahead = 0
@@ -165,7 +170,9 @@ class StreamingPlanner(SavePlanner):
         future = self.pending.pop(write_item.index, None)
         if self.executor is not None and self.prefetch_bytes > 0:
             self._prefetch_after(write_item.index)
+        start = time.perf_counter()
         data = future.result() if future is not None else self._make(piece)
+        self.seconds["wait_for_read"] += time.perf_counter() - start
         self.progress(piece.nbytes)
         return data
 
@@ -217,6 +224,9 @@ class BinWriter:
         self.release = release
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-mcore-fsync")
         self.commits: list[Future] = []
+        # busy time: read = chunks read and dequantised (overlaps writing), write = torch's writer including
+        # its waits for chunks, wait_for_read = those waits, wait_for_fsync = the previous bin not yet on disk
+        self.seconds = {"read": 0.0, "write": 0.0, "wait_for_read": 0.0, "wait_for_fsync": 0.0}
 
     def __enter__(self) -> BinWriter:
         return self
@@ -232,11 +242,15 @@ class BinWriter:
         writer.set_up_storage_writer(is_coordinator=True)
         plan = SavePlan([piece.item for piece in pieces], storage_data=_StoragePrefix(f"__{index}_"))
         planner = StreamingPlanner(pieces, make_chunk, progress)
+        start = time.perf_counter()
         with planner.prefetching(), _without_zip_crc32():
             results = writer.write_data(plan, planner).wait()
+        written = time.perf_counter()
         for commit in self.commits:  # at most one bin waits for its fsync while the next is written
             commit.result()
         self.commits = [self.committer.submit(self._commit, index, results)]
+        for stage, seconds in (*planner.seconds.items(), ("write", written - start), ("wait_for_fsync", time.perf_counter() - written)):
+            self.seconds[stage] += seconds
 
     def _commit(self, index: int, results) -> None:
         fd = os.open(self.release / f"__{index}_0.distcp", os.O_RDONLY)

@@ -73,6 +73,7 @@ class McoreSummary:
     seconds: float = 0.0
     finalized: bool = False
     notes: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # one process only (no --workers)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -169,6 +170,7 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
             with BinWriter(release) as writer:
                 for index in pending:
                     writer.write(index, plan.bins[index], _chunk_reader(source), progress)
+            summary.stage_seconds = {stage: round(seconds, 3) for stage, seconds in writer.seconds.items()}
     except (SourceError, ValueError) as exc:
         raise ConvertError(str(exc)) from exc
     summary.bins_written = len(pending)

@@ -102,7 +102,7 @@ def timed(command: list[str]) -> dict:
     return timing
 
 
-def widths(work: Path, experts: int, repeats: int = 1, device: str = "cpu") -> dict:
+def widths(work: Path, experts: int, repeats: int = 1, device: str = "cpu", workers: int = 1) -> dict:
     """Ours and the floor, alternating `repeats` times (the disk's speed drifts between runs); best of each."""
     src, dst = work / "fp8", work / "mcore"
     shutil.rmtree(work, ignore_errors=True)
@@ -111,13 +111,14 @@ def widths(work: Path, experts: int, repeats: int = 1, device: str = "cpu") -> d
     for _ in range(repeats):
         shutil.rmtree(dst, ignore_errors=True)
         os.sync()
-        runs.append(timed([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(src), "--dst", str(dst), "--device", device, "--quiet", "--json"]))
+        runs.append(timed([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(src), "--dst", str(dst), "--device", device,
+                           "--workers", str(workers), "--quiet", "--json"]))
         out_bytes = sum(p.stat().st_size for p in (dst / "release").glob("*.distcp"))
         os.sync()
         floors.append(io_floor(src, out_bytes, work / "floor.bin"))
     ours = min(runs, key=lambda r: r["seconds"])
     floor = min(floors, key=lambda f: f["floor_s"])
-    return {"experts": experts, "device": device, "cores": os.cpu_count(), "source_gb": round(source_bytes / 1e9, 2), "output_gb": round(out_bytes / 1e9, 2), "ours": ours, "floor": floor,
+    return {"experts": experts, "device": device, "workers": workers, "cores": os.cpu_count(), "source_gb": round(source_bytes / 1e9, 2), "output_gb": round(out_bytes / 1e9, 2), "ours": ours, "floor": floor,
             "ours_vs_floor": round(ours["seconds"] / floor["floor_s"], 2),
             "all_runs_s": [r["seconds"] for r in runs], "all_floors_s": [f["floor_s"] for f in floors]}
 
@@ -165,8 +166,9 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="widths: alternate ours and the floor this many times")
     parser.add_argument("--device", default="cpu", help="widths: where FP8 is dequantised (cpu, cuda)")
+    parser.add_argument("--workers", type=int, default=1, help="widths: convert hf-mcore --workers")
     args = parser.parse_args(argv)
-    report = widths(args.work, args.experts, args.repeats, args.device) if args.what == "widths" else versus(args.work)
+    report = widths(args.work, args.experts, args.repeats, args.device, args.workers) if args.what == "widths" else versus(args.work)
     print(json.dumps(report, indent=2))
     shutil.rmtree(args.work, ignore_errors=True)
     return 0

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(loopback-only dashboard unless --dashboard-host), waits for every node, runs verl with the log teed "
         "into the run dir and returns its exit code; other ranks join and leave when the head goes away. "
         "Only the Ray processes this command started are stopped.",
-        epilog="exit codes:\n  0  preflight passed\n  1  a preflight check failed (each says what to do)\n  2  bad arguments or an impossible plan\n",
+        epilog="exit codes:\n  0  preflight passed (--dry-run)\n  1  a preflight check failed (each says what to do), or the nodes did not all join\n"
+        "  2  bad arguments or an impossible plan\n  N  without --dry-run: verl's own exit code (130 when interrupted)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     grpo.add_argument("--nodes", type=int, required=True)

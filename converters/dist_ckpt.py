@@ -128,6 +128,7 @@ class StreamingPlanner(SavePlanner):
         self.progress = progress
         self.prefetch_bytes = prefetch_bytes
         self.pending: dict[MetadataIndex, Future] = {}
+        self.served: set[MetadataIndex] = set()
         self.executor: ThreadPoolExecutor | None = None
         self.seconds = {"read": 0.0, "wait_for_read": 0.0}  # making chunks (any thread); the writer blocked on them
 
@@ -154,20 +155,22 @@ class StreamingPlanner(SavePlanner):
         return data
 
     def _prefetch_after(self, index: MetadataIndex) -> None:
-        ahead = 0
+        ahead = sum(self.pieces[i].nbytes for i in self.pending)  # made or being made, not yet asked for
         for following in self.order[self.position[index] + 1:]:
+            if following in self.pending or following in self.served:
+                continue
             piece = self.pieces[following]
             if ahead and ahead + piece.nbytes > self.prefetch_bytes:
                 break
             ahead += piece.nbytes
-            if following not in self.pending:
-                self.pending[following] = self.executor.submit(self._make, piece)
+            self.pending[following] = self.executor.submit(self._make, piece)
 
     def resolve_data(self, write_item: WriteItem):
         piece = self.pieces[write_item.index]
         if piece.chunk is None:
             return _payload_none()
         future = self.pending.pop(write_item.index, None)
+        self.served.add(write_item.index)
         if self.executor is not None and self.prefetch_bytes > 0:
             self._prefetch_after(write_item.index)
         start = time.perf_counter()

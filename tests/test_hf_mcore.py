@@ -257,3 +257,26 @@ def test_kill_minus_nine_then_resume(tmp_path):
     for path in reference.iterdir():
         if path.name not in (".metadata", dist_ckpt.DONE_FILE):
             assert (dst / "release" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_streaming_planner_prefetches_within_its_budget_in_any_order(models, tmp_path):
+    """The background reader gives the writer the same tensors, in plan order or not, never more than the budget ahead."""
+    from converters.hf_mcore import _chunk_reader
+    from converters.hf_source import HFCheckpoint
+
+    plan = plan_conversion(models["fp8"], tmp_path / "out", McoreOptions())
+    pieces = [p for p in max(plan.bins, key=len) if p.chunk is not None]
+    source = HFCheckpoint(models["fp8"])
+    direct = _chunk_reader(source)
+    outstanding = {"max": 0}
+    budget = 3 * max(p.nbytes for p in pieces)
+    for order in (pieces, pieces[::-1], pieces[1::2] + pieces[::2]):
+        planner = dist_ckpt.StreamingPlanner(pieces, direct, lambda n: None, prefetch_bytes=budget)
+        with planner.prefetching():
+            for piece in order:
+                pending = sum(planner.pieces[i].nbytes for i in planner.pending)
+                outstanding["max"] = max(outstanding["max"], pending)
+                got = planner.resolve_data(piece.item)
+                assert torch.equal(got, direct(piece.chunk).reshape(got.shape)), piece.item.index
+        assert not planner.pending
+    assert 0 < outstanding["max"] <= budget

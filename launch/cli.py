@@ -160,7 +160,10 @@ def preflight_failed(report: dict) -> bool:
 
 
 def trainer_command(args: argparse.Namespace, report: dict, run_dir: Path, python: str | None = None) -> list[str]:
-    command = ([python] if python else report["command"][:1]) + report["command"][1:] + (["--cfg", "job"] if args.print_config else [])
+    command = ([python] if python else report["command"][:1]) + report["command"][1:]
+    if python is None:  # on this machine: hydra's outputs/<date>/<time> go into the run dir, not the current dir
+        command.append(f"hydra.run.dir={(run_dir / 'hydra').resolve()}")
+    command += ["--cfg", "job"] if args.print_config else []
     (run_dir / "command.json").write_text(json.dumps(command, indent=1))
     return command
 

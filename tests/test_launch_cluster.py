@@ -170,6 +170,7 @@ def test_two_nodes_verls_exit_code_propagates(inputs, tmp_path):
     code = int(printed[-1].rsplit(" ", 1)[1])
     assert code != 0 and head["code"] == code
     assert "Traceback" in (tmp_path / "run" / "rank0" / "train.log").read_text()
+    assert (tmp_path / "run" / "rank0" / "hydra").is_dir()  # hydra's output dir is the run's, not the current dir
 
 
 def test_ray_address_submits_to_an_existing_cluster(inputs, tmp_path):
@@ -177,7 +178,7 @@ def test_ray_address_submits_to_an_existing_cluster(inputs, tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     ray = str(Path(sys.executable).with_name("ray"))
     head = subprocess.Popen([ray, "start", "--head", "--block", "--port=6485", "--node-ip-address=127.0.0.1", "--num-gpus=2",
-                             "--dashboard-host=127.0.0.1", "--dashboard-port=8485"], env=env, start_new_session=True,
+                             "--dashboard-host=127.0.0.1", "--dashboard-port=8485"], env=env, start_new_session=True, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

@@ -198,10 +198,11 @@ def _without_zip_crc32() -> Iterator[None]:
     checked it (torch builds miniz without reader CRC checks), so the files load the same without it."""
     try:
         from torch.utils.serialization import config
-    except ImportError:  # torch < 2.6: no switch, CRCs are written
+
+        before = config.save.compute_crc32
+    except (ImportError, AttributeError):  # torch < 2.6: no switch, CRCs are written
         yield
         return
-    before = config.save.compute_crc32
     config.save.compute_crc32 = False
     try:
         yield

@@ -160,6 +160,7 @@ def preflight_failed(report: dict) -> bool:
 
 
 def trainer_command(args: argparse.Namespace, report: dict, run_dir: Path, python: str | None = None) -> list[str]:
+    """verl's command for this run (with `python`, for another machine), recorded as RUN_DIR/command.json."""
     command = ([python] if python else report["command"][:1]) + report["command"][1:]
     if python is None:  # on this machine: hydra's outputs/<date>/<time> go into the run dir, not the current dir
         command.append(f"hydra.run.dir={(run_dir / 'hydra').resolve()}")
@@ -215,7 +216,7 @@ def run_cluster(args: argparse.Namespace, plan, report: dict) -> int:
     node = start_node(spec, NODE_ENVIRONMENT, run_dir / f"ray-node{spec.rank}.log")
     try:
         if spec.rank != 0:
-            print(f"node {spec.rank}: joined the Ray head at {spec.head}:{spec.port}; waiting for it to finish", flush=True)
+            print(f"node {spec.rank}: joined the Ray head at {spec.address}; waiting for it to finish", flush=True)
             code = wait_until_head_leaves(node)
             print(f"node {spec.rank}: the head went away (ray exited {code})", flush=True)
             return 0

@@ -72,7 +72,7 @@ def start_node(spec: NodeSpec, environment: dict[str, str], log: Path) -> subpro
         args += ["--head", f"--port={spec.port}", f"--node-ip-address={spec.head}", f"--dashboard-host={spec.dashboard_host}",
                  f"--dashboard-port={spec.dashboard_port}", "--include-dashboard=true"]
     else:
-        args += [f"--address={spec.head}:{spec.port}"]
+        args += [f"--address={spec.address}"]
         if is_loopback(spec.head):
             args.append("--node-ip-address=127.0.0.1")
     env = {**os.environ, **spec.ray_env(), **environment}
@@ -124,7 +124,7 @@ def wait_for_nodes(spec: NodeSpec, timeout: float, poll: float = 2.0) -> dict[in
     missing = sorted(set(range(spec.nodes)) - set(seen))
     short = sorted(rank for rank, gpus in seen.items() if gpus < spec.gpus)
     raise ClusterError(
-        f"after {timeout:.0f} s, {len(seen)} of {spec.nodes} nodes joined the Ray head at {spec.head}:{spec.port}; "
+        f"after {timeout:.0f} s, {len(seen)} of {spec.nodes} nodes joined the Ray head at {spec.address}; "
         + (f"missing node rank(s): {', '.join(map(str, missing))}" if missing else "")
         + (f"; rank(s) {short} registered fewer than {spec.gpus} GPUs" if short else "")
     )
@@ -149,9 +149,12 @@ def submit_job(address: str, command: list[str], log: Path, environment: dict[st
     """`ray job submit` to an existing cluster and wait; the entrypoint's own exit code when Ray reports it."""
     args = [ray_executable(), "job", "submit", f"--address={address}",
             f"--runtime-env-json={json.dumps({'env_vars': environment})}", "--", *command]
+    start = log.stat().st_size if log.exists() else 0  # a reused run dir's log holds earlier runs
     code = run_tee(args, log, {"RAY_USAGE_STATS_ENABLED": "0"})
     if code != 0:  # `ray job submit` says 1 for any failure; the job's status message has the real code
-        found = re.findall(rb"failed with exit code (\d+)", log.read_bytes())
+        with open(log, "rb") as handle:
+            handle.seek(start)
+            found = re.findall(rb"failed with exit code (\d+)", handle.read())
         if found:
             return int(found[-1])
     return code

@@ -1,6 +1,6 @@
 """Benchmarks of `convert hf-mcore`.
 
-    python -m bench.mcore_e2e widths --work DIR [--experts 64]   # DeepSeek-V3 widths, FP8 source
+    python -m bench.mcore_e2e widths --work DIR [--experts 64] [--configs cpu:1 cuda:2]  # DeepSeek-V3 widths, FP8 source
     python -m bench.mcore_e2e versus --work DIR                  # vs build-model-load-all-then-save
 
 `widths`: a generated FP8 checkpoint at real DeepSeek-V3 widths (hidden 7168, vocab 129280, a
@@ -36,11 +36,16 @@ DEEPSEEK_WIDTHS = {
 }
 
 
-def make_wide_fp8(dst: Path, experts: int) -> int:
-    """Random FP8 tensors with DeepSeek-V3's names and shapes (2 layers: dense, MoE); returns bytes."""
+def make_wide_fp8(dst: Path, experts: int, values: str = "random") -> int:
+    """FP8 tensors with DeepSeek-V3's names and shapes (2 layers: dense, MoE); returns bytes.
+
+    values "random": uniform random e4m3 bytes (1 in 16 subnormal, the slow case for CPU dequant);
+    "normal": Gaussian weights quantised by our kernel, like released checkpoints (subnormals rare).
+    """
     from safetensors.torch import save_file
 
     from bench.fp8_kernels import random_pair
+    from kernels.fp8 import quant_fp8_blocks
 
     config = {**DEEPSEEK_WIDTHS, "n_routed_experts": experts}
     h, heads = config["hidden_size"], config["num_attention_heads"]
@@ -75,7 +80,10 @@ def make_wide_fp8(dst: Path, experts: int) -> int:
 
     for name, shape in shapes.items():
         if len(shape) == 2 and "embed" not in name and "lm_head" not in name and "mlp.gate.weight" not in name:
-            shard[name], shard[name + "_scale_inv"] = (t.cpu() for t in random_pair(shape, "cpu"))
+            if values == "normal":
+                shard[name], shard[name + "_scale_inv"] = quant_fp8_blocks(torch.randn(shape) * 0.02)
+            else:
+                shard[name], shard[name + "_scale_inv"] = (t.cpu() for t in random_pair(shape, "cpu"))
         elif name.endswith("bias"):
             shard[name] = torch.rand(shape, dtype=torch.float32)
         else:
@@ -98,29 +106,39 @@ def timed(command: list[str]) -> dict:
     seconds, peak_kb = result.stderr.strip().splitlines()[-1].split()[1:]
     timing = {"seconds": float(seconds), "peak_rss_gb": round(int(peak_kb) / 1e6, 2)}
     if result.stdout.lstrip().startswith("{"):
-        timing["stage_seconds"] = json.loads(result.stdout).get("stage_seconds")
+        summary = json.loads(result.stdout)
+        timing["stage_seconds"] = summary.get("stage_seconds")
+        timing["conversion_s"] = summary.get("seconds")  # the process less interpreter start and imports
     return timing
 
 
-def widths(work: Path, experts: int, repeats: int = 1, device: str = "cpu", workers: int = 1) -> dict:
-    """Ours and the floor, alternating `repeats` times (the disk's speed drifts between runs); best of each."""
+def widths(work: Path, experts: int, repeats: int = 1, configs: tuple[str, ...] = ("cpu:1",), workers: int = 1,
+           values: str = "random") -> dict:
+    """Each config (DEVICE:READERS) and the floor take turns `repeats` times (the disk's speed drifts); best of each."""
     src, dst = work / "fp8", work / "mcore"
     shutil.rmtree(work, ignore_errors=True)
-    source_bytes = make_wide_fp8(src, experts)
-    runs, floors = [], []
+    source_bytes = make_wide_fp8(src, experts, values)
+    runs: dict[str, list[dict]] = {config: [] for config in configs}
+    floors = []
     for _ in range(repeats):
+        for config in configs:
+            device, readers = config.split(":")
+            shutil.rmtree(dst, ignore_errors=True)
+            os.sync()
+            runs[config].append(timed([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(src), "--dst", str(dst),
+                                       "--device", device, "--readers", readers, "--workers", str(workers), "--quiet", "--json"]))
+            out_bytes = sum(p.stat().st_size for p in (dst / "release").glob("*.distcp"))
         shutil.rmtree(dst, ignore_errors=True)
         os.sync()
-        runs.append(timed([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(src), "--dst", str(dst), "--device", device,
-                           "--workers", str(workers), "--quiet", "--json"]))
-        out_bytes = sum(p.stat().st_size for p in (dst / "release").glob("*.distcp"))
-        os.sync()
         floors.append(io_floor(src, out_bytes, work / "floor.bin"))
-    ours = min(runs, key=lambda r: r["seconds"])
     floor = min(floors, key=lambda f: f["floor_s"])
-    return {"experts": experts, "device": device, "workers": workers, "cores": os.cpu_count(), "source_gb": round(source_bytes / 1e9, 2), "output_gb": round(out_bytes / 1e9, 2), "ours": ours, "floor": floor,
-            "ours_vs_floor": round(ours["seconds"] / floor["floor_s"], 2),
-            "all_runs_s": [r["seconds"] for r in runs], "all_floors_s": [f["floor_s"] for f in floors]}
+    results = {}
+    for config, timings in runs.items():
+        best = min(timings, key=lambda r: r["seconds"])
+        results[config] = {"best": best, "vs_floor": round(best["seconds"] / floor["floor_s"], 2), "all_s": [r["seconds"] for r in timings],
+                           "conversion_vs_floor": round(best["conversion_s"] / floor["floor_s"], 2)}
+    return {"experts": experts, "values": values, "workers": workers, "cores": os.cpu_count(), "source_gb": round(source_bytes / 1e9, 2),
+            "output_gb": round(out_bytes / 1e9, 2), "floor": floor, "all_floors_s": [f["floor_s"] for f in floors], "runs": results}
 
 
 LOAD_ALL_SCRIPT = """
@@ -165,10 +183,12 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="widths: alternate ours and the floor this many times")
-    parser.add_argument("--device", default="cpu", help="widths: where FP8 is dequantised (cpu, cuda)")
+    parser.add_argument("--configs", nargs="+", default=["cpu:1"], metavar="DEVICE:READERS",
+                        help="widths: hf-mcore runs to compare, e.g. cpu:1 cpu:4 cuda:2 (--device and --readers)")
+    parser.add_argument("--values", choices=["random", "normal"], default="random", help="widths: FP8 contents (see make_wide_fp8)")
     parser.add_argument("--workers", type=int, default=1, help="widths: convert hf-mcore --workers")
     args = parser.parse_args(argv)
-    report = widths(args.work, args.experts, args.repeats, args.device, args.workers) if args.what == "widths" else versus(args.work)
+    report = widths(args.work, args.experts, args.repeats, tuple(args.configs), args.workers, args.values) if args.what == "widths" else versus(args.work)
     print(json.dumps(report, indent=2))
     shutil.rmtree(args.work, ignore_errors=True)
     return 0

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -112,25 +113,33 @@ def make_bins(pieces: list[Piece], limit: int = BIN_BYTES) -> list[list[Piece]]:
 
 
 class StreamingPlanner(SavePlanner):
-    """Hands torch's writer the data of one piece at a time, made by `make_chunk` in a background thread.
+    """Hands torch's writer the data of one piece at a time, made by `make_chunk` in background threads.
 
-    torch's single-file writer asks for the byte items first, then the tensors in plan order; the next
-    tensors (up to PREFETCH_BYTES) are read and dequantised while the current one is written. An item
-    asked for out of that order is simply made on the spot.
+    torch's single-file writer asks for the byte items first, then the tensors in plan order, and
+    writes each one before asking for the next; the next tensors (up to PREFETCH_BYTES) are read and
+    dequantised by `readers` threads while the current one is written. An item asked for out of that
+    order is simply made on the spot. Once the writer asks for the next tensor, the one before it has
+    been written and goes to `recycle` (a BufferPool's `give`), so its buffer serves a later chunk.
     """
 
     def __init__(self, pieces: list[Piece], make_chunk: Callable[[Chunk], torch.Tensor], progress: Callable[[int], None],
-                 prefetch_bytes: int = PREFETCH_BYTES) -> None:
+                 prefetch_bytes: int = PREFETCH_BYTES, readers: int = 1,
+                 recycle: Callable[[torch.Tensor], None] | None = None) -> None:
         self.pieces = {piece.item.index: piece for piece in pieces}
         self.order = [piece.item.index for piece in pieces if piece.chunk is not None]
         self.position = {index: i for i, index in enumerate(self.order)}
         self.make_chunk = make_chunk
         self.progress = progress
         self.prefetch_bytes = prefetch_bytes
+        self.readers = readers
+        self.recycle = recycle
         self.pending: dict[MetadataIndex, Future] = {}
         self.served: set[MetadataIndex] = set()
+        self.written: torch.Tensor | None = None  # the tensor handed out last: written once the next is asked for
         self.executor: ThreadPoolExecutor | None = None
-        self.seconds = {"read": 0.0, "wait_for_read": 0.0}  # making chunks (any thread); the writer blocked on them
+        self._lock = threading.Lock()
+        # busy seconds making chunks (summed over reader threads); the writer blocked on them
+        self.seconds = {"read": 0.0, "wait_for_read": 0.0}
 
     def set_up_planner(self, *args, **kwargs) -> None:  # the plan is made by plan_pieces
         pass
@@ -146,13 +155,20 @@ class StreamingPlanner(SavePlanner):
 
     def _make(self, piece: Piece) -> torch.Tensor:
         start = time.perf_counter()
-        data = self.make_chunk(piece.chunk)
+        made = self.make_chunk(piece.chunk)
         expected = tuple(piece.chunk.sizes)
-        if tuple(data.shape) != expected:
-            data = data.reshape(expected)
-        data = data.contiguous()
-        self.seconds["read"] += time.perf_counter() - start
+        data = (made if tuple(made.shape) == expected else made.reshape(expected)).contiguous()
+        if self.recycle is not None and data.untyped_storage().data_ptr() != made.untyped_storage().data_ptr():
+            self.recycle(made)  # copied: the buffer it was read into is free again
+        with self._lock:
+            self.seconds["read"] += time.perf_counter() - start
         return data
+
+    def done_with_last(self) -> None:
+        """The writer has written the tensor handed out last: its buffer may be reused."""
+        if self.written is not None and self.recycle is not None:
+            self.recycle(self.written)
+        self.written = None
 
     def _prefetch_after(self, index: MetadataIndex) -> None:
         ahead = sum(self.pieces[i].nbytes for i in self.pending)  # made or being made, not yet asked for
@@ -169,6 +185,7 @@ class StreamingPlanner(SavePlanner):
         piece = self.pieces[write_item.index]
         if piece.chunk is None:
             return _payload_none()
+        self.done_with_last()
         future = self.pending.pop(write_item.index, None)
         self.served.add(write_item.index)
         if self.executor is not None and self.prefetch_bytes > 0:
@@ -177,11 +194,12 @@ class StreamingPlanner(SavePlanner):
         data = future.result() if future is not None else self._make(piece)
         self.seconds["wait_for_read"] += time.perf_counter() - start
         self.progress(piece.nbytes)
+        self.written = data
         return data
 
     @contextmanager
     def prefetching(self) -> Iterator[None]:
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-mcore-read")
+        self.executor = ThreadPoolExecutor(max_workers=self.readers, thread_name_prefix="hf-mcore-read")
         try:
             yield
         finally:
@@ -224,8 +242,10 @@ class BinWriter:
     file is on disk, so a kill at any point leaves nothing that looks finished and is not.
     """
 
-    def __init__(self, release: Path) -> None:
+    def __init__(self, release: Path, readers: int = 1, recycle: Callable[[torch.Tensor], None] | None = None) -> None:
         self.release = release
+        self.readers = readers
+        self.recycle = recycle
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-mcore-fsync")
         self.commits: list[Future] = []
         # busy time: read = chunks read and dequantised (overlaps writing), write = torch's writer including
@@ -245,10 +265,11 @@ class BinWriter:
         writer = FileSystemWriter(str(self.release), single_file_per_rank=True, sync_files=False, thread_count=1, per_thread_copy_ahead=0)
         writer.set_up_storage_writer(is_coordinator=True)
         plan = SavePlan([piece.item for piece in pieces], storage_data=_StoragePrefix(f"__{index}_"))
-        planner = StreamingPlanner(pieces, make_chunk, progress)
+        planner = StreamingPlanner(pieces, make_chunk, progress, readers=self.readers, recycle=self.recycle)
         start = time.perf_counter()
         with planner.prefetching(), _without_zip_crc32():
             results = writer.write_data(plan, planner).wait()
+        planner.done_with_last()
         written = time.perf_counter()
         for commit in self.commits:  # at most one bin waits for its fsync while the next is written
             commit.result()

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
+from converters.buffers import BufferPool
 from converters.dist_ckpt import (
     BIN_BYTES,
+    PREFETCH_BYTES,
     RELEASE_DIR,
     BinWriter,
     Piece,
@@ -44,6 +47,7 @@ class McoreOptions:
     shard_count: int = 1
     overwrite: bool = False
     bin_bytes: int = BIN_BYTES
+    readers: int = 1  # threads reading and dequantising chunks ahead of the writer (per worker)
 
 
 @dataclass
@@ -123,19 +127,26 @@ def _is_mtp(name: str, config: dict) -> bool:
     return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= config["num_hidden_layers"]
 
 
-def _chunk_reader(source: HFCheckpoint):
+def _chunk_reader(source: HFCheckpoint, buffers: BufferPool | None = None):
     def make_chunk(chunk: Chunk) -> torch.Tensor:
-        return source.read(chunk.source, chunk.rows)
+        return source.read(chunk.source, chunk.rows, buffers)
 
     return make_chunk
 
 
-def _worker(src: str, release: str, bins: list[tuple[int, list[Piece]]], device: str, events) -> None:
+def _open(src: Path, release: Path, device: str, readers: int) -> tuple[BinWriter, Callable[[Chunk], torch.Tensor]]:
+    """A bin writer and a chunk reader sharing one pool of buffers (pinned when dequantising on a GPU)."""
+    source = HFCheckpoint(src, device)
+    buffers = BufferPool(PREFETCH_BYTES, pin_memory=torch.device(device).type == "cuda")
+    return BinWriter(release, readers, buffers.give), _chunk_reader(source, buffers)
+
+
+def _worker(src: str, release: str, bins: list[tuple[int, list[Piece]]], device: str, readers: int, events) -> None:
     try:
-        source = HFCheckpoint(Path(src), device)
-        with BinWriter(Path(release)) as writer:
+        writer, make_chunk = _open(Path(src), Path(release), device, readers)
+        with writer:
             for index, pieces in bins:
-                writer.write(index, pieces, _chunk_reader(source), lambda n: events.put(("bytes", n)))
+                writer.write(index, pieces, make_chunk, lambda n: events.put(("bytes", n)))
     except BaseException as exc:  # reported to the parent, which raises it
         events.put(("error", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from exc
@@ -166,10 +177,10 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
         if plan.options.workers > 1 and len(pending) > 1:
             _run_workers(plan, release, pending, device, progress)
         else:
-            source = HFCheckpoint(plan.src, device)
-            with BinWriter(release) as writer:
+            writer, make_chunk = _open(plan.src, release, device, plan.options.readers)
+            with writer:
                 for index in pending:
-                    writer.write(index, plan.bins[index], _chunk_reader(source), progress)
+                    writer.write(index, plan.bins[index], make_chunk, progress)
             summary.stage_seconds = {stage: round(seconds, 3) for stage, seconds in writer.seconds.items()}
     except (SourceError, ValueError) as exc:
         raise ConvertError(str(exc)) from exc
@@ -187,7 +198,7 @@ def _run_workers(plan: McorePlan, release: Path, pending: list[int], device: str
     assignment = [[(i, plan.bins[i]) for i in pending[w::workers]] for w in range(workers)]
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
-    processes = [context.Process(target=_worker, args=(str(plan.src), str(release), bins, device, events), daemon=True) for bins in assignment]
+    processes = [context.Process(target=_worker, args=(str(plan.src), str(release), bins, device, plan.options.readers, events), daemon=True) for bins in assignment]
     for process in processes:
         process.start()
     finished, errors = 0, []

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from converters.buffers import BufferPool
 from converters.safetensors_io import DTYPES, SafetensorsError, TensorInfo, load_index, read_header, read_tensor
 from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks
 
@@ -64,15 +65,18 @@ class HFCheckpoint:
         """What `read` returns: BF16 for FP8 weights, the stored dtype otherwise."""
         return torch.bfloat16 if self.is_fp8(name) else DTYPES[self.info(name).dtype]
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None, buffers: BufferPool | None = None) -> torch.Tensor:
         """The tensor (or rows [start, stop) of it) as BF16 for FP8 weights, else as stored.
 
-        For an FP8 weight, `start` must be a multiple of the block height.
+        For an FP8 weight, `start` must be a multiple of the block height. With `buffers`, the result
+        lives in a buffer taken from that pool (the caller gives it back when done with it), and the
+        FP8 bytes are read into a pooled buffer too; on a GPU the copies then go through pinned memory.
         """
         info = self.info(name)
         if rows is not None:
             info = row_range(info, *rows)
-        tensor = read_tensor(self.path / self.weight_map[name], info)
+        path = self.path / self.weight_map[name]
+        tensor = read_tensor(path, info, None if buffers is None else buffers.take(info.nbytes))
         if info.dtype != "F8_E4M3":
             return tensor
         scale_name = name + SCALE_SUFFIX
@@ -84,7 +88,16 @@ class HFCheckpoint:
                 raise SourceError(f"{name}: row range {rows} does not start on a {self.block[0]}-row block")
             scale_info = row_range(scale_info, rows[0] // self.block[0], -(-rows[1] // self.block[0]))
         scale = read_tensor(self.path / self.weight_map[scale_name], scale_info)
+        out = None if buffers is None else buffers.take(info.numel * 2).view(torch.bfloat16).view(info.shape)
         try:
-            return dequant_fp8_blocks(tensor.to(self.device), scale.to(self.device), self.block).cpu()
+            if self.device.type == "cpu":
+                result = dequant_fp8_blocks(tensor, scale, self.block, out)
+            else:
+                on_device = dequant_fp8_blocks(tensor.to(self.device, non_blocking=True), scale.to(self.device), self.block)
+                result = on_device.cpu() if out is None else out.copy_(on_device, non_blocking=True)
+                torch.cuda.current_stream(self.device).synchronize()
         except ValueError as exc:
-            raise SourceError(f"{self.path / self.weight_map[name]}: {name}: {exc}") from exc
+            raise SourceError(f"{path}: {name}: {exc}") from exc
+        if buffers is not None:
+            buffers.give(tensor)
+        return result

@@ -2,7 +2,7 @@
 
 Every path computes round_to_nearest_even(float32(w) * scale_inv) as bfloat16 and returns the same
 bits: the CPU path decodes e4m3 with integer operations and lets torch round; the Triton kernel does
-the same decode and rounds with integer operations. NaN inputs give the canonical bf16 NaN 0x7FC0.
+the same decode and rounds with integer operations. NaN results are the bf16 NaN 0x7FFF on every path (the GPU's conversion gives it by itself).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ FP8_MAX = 448.0
 DEFAULT_BLOCK = (128, 128)
 _REBIAS = 2.0**120
 _SIGN_AND_MAGNITUDE = -2014314496  # 0x87F00000 as int32
-_CANONICAL_NAN = 0x7FC0
+_CANONICAL_NAN = 0x7FFF  # the GPU's canonical bf16 NaN; the CPU path rewrites its NaNs to it
 _CPU_CHUNK_ELEMENTS = 1 << 20
 
 
@@ -56,25 +56,45 @@ def _triton_block_ok(block: tuple[int, int]) -> bool:
 
 
 def dequant_fp8_blocks(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = DEFAULT_BLOCK
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """BF16 weight from an e4m3 weight and its per-block float32 scale_inv (ragged edges allowed)."""
-    return dequant_fp8_blocks_batched([weight], [scale_inv], block)[0]
+    """BF16 weight from an e4m3 weight and its per-block float32 scale_inv (ragged edges allowed).
+
+    `out`, if given, receives the result (contiguous bfloat16 of the weight's shape, same device).
+    """
+    return dequant_fp8_blocks_batched([weight], [scale_inv], block, None if out is None else [out])[0]
+
+
+def _check_out(weight: torch.Tensor, out: torch.Tensor) -> None:
+    if out.dtype != torch.bfloat16 or out.shape != weight.shape or out.device != weight.device or not out.is_contiguous():
+        raise FP8FormatError(
+            f"out must be a contiguous bfloat16 tensor of shape {tuple(weight.shape)} on {weight.device}; "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}{'' if out.is_contiguous() else ', not contiguous'}"
+        )
 
 
 def dequant_fp8_blocks_batched(
-    weights: list[torch.Tensor], scales: list[torch.Tensor], block: tuple[int, int] = DEFAULT_BLOCK
+    weights: list[torch.Tensor],
+    scales: list[torch.Tensor],
+    block: tuple[int, int] = DEFAULT_BLOCK,
+    outs: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """Dequantise many tensors at once (one kernel launch on GPU); same bits as one at a time."""
-    if len(weights) != len(scales):
-        raise FP8FormatError(f"{len(weights)} weights but {len(scales)} scales")
+    if len(weights) != len(scales) or (outs is not None and len(outs) != len(weights)):
+        raise FP8FormatError(f"{len(weights)} weights but {len(scales)} scales" + ("" if outs is None else f" and {len(outs)} outs"))
     if not weights:
         return []
     for weight, scale_inv in zip(weights, scales, strict=True):
         check_pair(weight, scale_inv, block)
     weights = [w.contiguous() for w in weights]
     scales = [s.contiguous() for s in scales]
-    outs = [torch.empty(w.shape, dtype=torch.bfloat16, device=w.device) for w in weights]
+    if outs is None:
+        outs = [torch.empty(w.shape, dtype=torch.bfloat16, device=w.device) for w in weights]
+    for weight, out in zip(weights, outs, strict=True):
+        _check_out(weight, out)
     triton_ok = _triton_block_ok(block)
     if _use_triton(weights[0]) and triton_ok and all(w.device == weights[0].device for w in weights):
         from kernels.fp8_triton import dequant_many_triton, dequant_one_triton

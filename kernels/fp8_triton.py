@@ -19,23 +19,28 @@ import triton.language as tl
 # 2**120 re-biases exactly (normal and subnormal values alike).
 REBIAS = tl.constexpr(2.0**120)
 SIGN_AND_MAGNITUDE = tl.constexpr(-2014314496)  # 0x87F00000 as int32
-# Defaults measured on an H100 (bench/RESULTS.md): 128-row tiles, one scale block wide, 8 warps;
-# a tensor too small to fill the GPU with those gets shorter tiles.
+CANONICAL_NAN = tl.constexpr(0x7FFF)  # what the GPU's float32 -> bf16 conversion gives for any NaN
+# Defaults measured on an H100 (bench/RESULTS.md): tiles of 128 rows by one scale block, 8 warps in the
+# batched kernel, 4 for one tensor; a tensor too small to fill the GPU with those gets shorter tiles.
 TILE_ROWS = 128
-COL_BLOCKS = 1
 NUM_WARPS = 8
 _MIN_TILE_ROWS = 32
-_PROGRAMS_PER_SM = 4
+_PROGRAMS_PER_SM = 6  # fewer 128-row tiles than this per SM: shorter tiles (q_a_proj: 64 rows, +1.2%)
 
 
 @triton.jit
 def _dequant_tile(
     weight, scale, out, rows, cols, tile_m, tile_n,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, NATIVE: tl.constexpr, WIDE: tl.constexpr,
+    LOCAL: tl.constexpr, EARLY_SCALE: tl.constexpr,
 ):
-    # 64-bit arithmetic (tensors of 2**31 elements or more) only for the tile's scalar base;
-    # per-element offsets always stay 32-bit
-    if WIDE:
+    """TILE_ROWS rows of one scale block's columns; TILE_ROWS divides BLOCK_ROWS, so one scale serves the tile.
+
+    LOCAL and EARLY_SCALE change only the instruction schedule (on an H100, bench/RESULTS.md): one tensor
+    at a time is fastest with per-element offsets and the scale loaded after the decode (fewer live
+    registers, more tiles in flight), the batched kernel with tile-local offsets and the scale first.
+    """
+    if WIDE:  # 2**31 elements or more: 64-bit row arithmetic
         row0 = tile_m.to(tl.int64) * TILE_ROWS
     else:
         row0 = tile_m * TILE_ROWS
@@ -43,47 +48,52 @@ def _dequant_tile(
     rr = tl.arange(0, TILE_ROWS)
     cc = tl.arange(0, BLOCK_COLS)
     mask = ((row0 + rr) < rows)[:, None] & ((col0 + cc) < cols)[None, :]
-    base = row0 * cols + col0
-    local = rr[:, None] * cols + cc[None, :]  # int32: < TILE_ROWS * cols < 2**31 (checked by the wrappers)
-    scale_cols = (cols + BLOCK_COLS - 1) // BLOCK_COLS
-    factor = tl.load(scale + (row0 // BLOCK_ROWS) * scale_cols + tile_n)
-    raw = tl.load(weight + base + local, mask=mask, other=0)
+    if LOCAL:
+        # a scalar tile base plus 32-bit tile-local offsets (< TILE_ROWS * cols): best in the batched kernel
+        weight = weight + (row0 * cols + col0)
+        out = out + (row0 * cols + col0)
+        offsets = rr[:, None] * cols + cc[None, :]
+    else:
+        # offsets formed per element from row and column: best for one tensor at a time
+        offsets = (row0 + rr)[:, None] * cols + (col0 + cc)[None, :]
+    if TILE_ROWS == BLOCK_ROWS:
+        scale_row = tile_m
+    else:
+        scale_row = tile_m // (BLOCK_ROWS // TILE_ROWS)
+    factor_at = scale + scale_row * tl.cdiv(cols, BLOCK_COLS) + tile_n
+    if EARLY_SCALE:
+        factor = tl.load(factor_at)
+    raw = tl.load(weight + offsets, mask=mask)
     if NATIVE:
-        # sm_89+: hardware e4m3 decode and round-to-nearest-even bf16 conversion
-        value = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * factor
+        # sm_89+: hardware e4m3 decode and round-to-nearest-even bf16 conversion, which turns every
+        # NaN into the canonical 0x7FFF by itself (checked on the GPU by bench/fp8_kernels.py)
+        decoded = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if not EARLY_SCALE:
+            factor = tl.load(factor_at)
+        value = decoded * factor
         bf16 = value.to(tl.bfloat16).to(tl.int16, bitcast=True)
-        is_nan = value != value
     else:
         # sm_80/86 (no e4m3 unit) and the interpreter (whose bf16 cast truncates): integer forms
         bits = (raw.to(tl.int32) << 20) & SIGN_AND_MAGNITUDE  # sign, 4 exponent, 3 mantissa bits
+        if not EARLY_SCALE:
+            factor = tl.load(factor_at)
         value = bits.to(tl.float32, bitcast=True) * REBIAS * factor
         rounded = value.to(tl.int32, bitcast=True)
         bf16 = ((rounded + 0x7FFF + ((rounded >> 16) & 1)) >> 16).to(tl.int16)
         is_nan = ((raw.to(tl.int32) & 0x7F) == 0x7F) | (value != value)
-    tl.store(out + base + local, tl.where(is_nan, 0x7FC0, bf16), mask=mask)
-
-
-@triton.jit
-def _dequant_span(
-    weight, scale, out, rows, cols, tile_m, first_col_block,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr, NATIVE: tl.constexpr, WIDE: tl.constexpr,
-):
-    """TILE_ROWS rows by COL_BLOCKS scale blocks: enough bytes per program to hide its set-up."""
-    col_blocks = (cols + BLOCK_COLS - 1) // BLOCK_COLS
-    for j in tl.static_range(COL_BLOCKS):
-        if first_col_block + j < col_blocks:
-            _dequant_tile(weight, scale, out, rows, cols, tile_m, first_col_block + j, BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, NATIVE, WIDE)
+        bf16 = tl.where(is_nan, CANONICAL_NAN, bf16)
+    tl.store(out + offsets, bf16, mask=mask)
 
 
 @triton.jit
 def _dequant_one(
     weight, scale, out, rows, cols,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr, NATIVE: tl.constexpr,
-    WIDE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, NATIVE: tl.constexpr, WIDE: tl.constexpr,
+    LOCAL: tl.constexpr, EARLY_SCALE: tl.constexpr,
 ):
-    _dequant_span(
-        weight, scale, out, rows, cols, tl.program_id(0), tl.program_id(1) * COL_BLOCKS,
-        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, COL_BLOCKS, NATIVE, WIDE,
+    _dequant_tile(
+        weight, scale, out, rows, cols, tl.program_id(0), tl.program_id(1),
+        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, NATIVE, WIDE, LOCAL, EARLY_SCALE,
     )
 
 
@@ -97,8 +107,8 @@ def _dequant_many(
     program_tensor,  # int32[programs]: the tensor each program works on
     program_first,  # int32[T]: each tensor's first program
     num_tensors,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr, COL_BLOCKS: tl.constexpr,
-    NATIVE: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, TILE_ROWS: tl.constexpr,
+    NATIVE: tl.constexpr, ALIGNED: tl.constexpr, WIDE: tl.constexpr, LOCAL: tl.constexpr, EARLY_SCALE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(program_tensor + pid)
@@ -112,23 +122,28 @@ def _dequant_many(
         weight_offset = tl.multiple_of(weight_offset, 16)
         out_offset = tl.multiple_of(out_offset, 8)
         cols = tl.multiple_of(cols, 16)
-    spans_per_row = ((cols + BLOCK_COLS - 1) // BLOCK_COLS + COL_BLOCKS - 1) // COL_BLOCKS
-    _dequant_span(
+    col_tiles = (cols + BLOCK_COLS - 1) // BLOCK_COLS
+    _dequant_tile(
         weight_base + weight_offset, scale_base + tl.load(offsets + num_tensors + t), out_base + out_offset,
-        rows, cols, local // spans_per_row, (local % spans_per_row) * COL_BLOCKS,
-        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, COL_BLOCKS, NATIVE, WIDE,
+        rows, cols, local // col_tiles, local % col_tiles,
+        BLOCK_ROWS, BLOCK_COLS, TILE_ROWS, NATIVE, WIDE, LOCAL, EARLY_SCALE,
     )
 
 
-MAX_COLS = 1 << 23  # keeps per-tile offsets in 32 bits
-
-
-def _tile_rows(block_rows: int, tile_rows: int, weights: list[torch.Tensor]) -> int:
-    widest = max(w.shape[1] for w in weights)
-    if widest >= MAX_COLS:
-        raise ValueError(f"a {widest}-column FP8 weight is wider than the kernel supports ({MAX_COLS - 1})")
+def _tile_rows(block_rows: int, tile_rows: int) -> int:
     tile_rows = min(tile_rows, block_rows)
     return tile_rows if block_rows % tile_rows == 0 else block_rows
+
+
+def _to_device(tables: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    if device.type != "cuda":
+        return tables
+    return [table.pin_memory().to(device, non_blocking=True) for table in tables]
+
+
+def _local_fits(tile_rows: int, weights: list[torch.Tensor]) -> bool:
+    """Tile-local offsets stay in 32 bits (else every element gets a full, 64-bit where needed, offset)."""
+    return tile_rows * max(w.shape[1] for w in weights) < 2**31
 
 
 def _sm_count(device: torch.device) -> int:
@@ -149,9 +164,9 @@ def _cuda_facts(kind: str, index: int | None) -> tuple[int, tuple[int, int]]:
     return torch.cuda.get_device_properties(device).multi_processor_count, torch.cuda.get_device_capability(device)
 
 
-def _programs(weight: torch.Tensor, block: tuple[int, int], tile_rows: int, col_blocks: int) -> tuple[int, int]:
+def _programs(weight: torch.Tensor, block: tuple[int, int], tile_rows: int) -> tuple[int, int]:
     rows, cols = weight.shape
-    return triton.cdiv(rows, tile_rows), triton.cdiv(triton.cdiv(cols, block[1]), col_blocks)
+    return triton.cdiv(rows, tile_rows), triton.cdiv(cols, block[1])
 
 
 def dequant_one_triton(
@@ -160,24 +175,26 @@ def dequant_one_triton(
     out: torch.Tensor,
     block: tuple[int, int],
     tile_rows: int | None = None,
-    col_blocks: int = COL_BLOCKS,
     num_warps: int | None = None,
     native: bool | None = None,
+    local: bool = False,
+    early_scale: bool = False,
 ) -> None:
     """One tensor, no host-side tables (CUDA-graph capturable); inputs are already validated."""
     if tile_rows is None:
         tile_rows = TILE_ROWS
         wanted = _PROGRAMS_PER_SM * _sm_count(weight.device)
-        while tile_rows > _MIN_TILE_ROWS and math.prod(_programs(weight, block, tile_rows, col_blocks)) < wanted:
+        while tile_rows > _MIN_TILE_ROWS and math.prod(_programs(weight, block, tile_rows)) < wanted:
             tile_rows //= 2
     if num_warps is None:
         num_warps = 4  # measured: 4 warps beat 8 for one tensor at a time (bench/RESULTS.md)
-    tile_rows = _tile_rows(block[0], tile_rows, [weight])
+    tile_rows = _tile_rows(block[0], tile_rows)
     rows, cols = weight.shape
-    _dequant_one[_programs(weight, block, tile_rows, col_blocks)](
+    _dequant_one[_programs(weight, block, tile_rows)](
         weight.view(torch.int8), scale_inv, out.view(torch.int16), rows, cols,
-        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, COL_BLOCKS=col_blocks,
-        NATIVE=native_fp8(weight.device) if native is None else native, WIDE=weight.numel() >= 2**31, num_warps=num_warps,
+        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows,
+        NATIVE=native_fp8(weight.device) if native is None else native, WIDE=weight.numel() >= 2**31,
+        LOCAL=local and _local_fits(tile_rows, [weight]), EARLY_SCALE=early_scale, num_warps=num_warps,
     )
 
 
@@ -187,14 +204,15 @@ def dequant_many_triton(
     outs: list[torch.Tensor],
     block: tuple[int, int],
     tile_rows: int = TILE_ROWS,
-    col_blocks: int = COL_BLOCKS,
     num_warps: int = NUM_WARPS,
     native: bool | None = None,
+    local: bool = True,
+    early_scale: bool = True,
 ) -> None:
     """All (weight, scale_inv, out) triples in one launch; inputs are already validated."""
-    tile_rows = _tile_rows(block[0], tile_rows, weights)
+    tile_rows = _tile_rows(block[0], tile_rows)
     device = weights[0].device
-    counts = [math.prod(_programs(w, block, tile_rows, col_blocks)) for w in weights]
+    counts = [math.prod(_programs(w, block, tile_rows)) for w in weights]
     first = [0]
     for count in counts[:-1]:
         first.append(first[-1] + count)
@@ -210,10 +228,15 @@ def dequant_many_triton(
     shapes = torch.tensor([list(w.shape) for w in weights], dtype=torch.int64)
     program_tensor = torch.repeat_interleave(torch.arange(len(weights), dtype=torch.int32), torch.tensor(counts))
     program_first = torch.tensor(first, dtype=torch.int32)
+    # two tables, each copied in one asynchronous transfer from pinned memory: a copy from pageable memory
+    # would first wait for the GPU to go idle, so the host would build the next launch while it sits idle
+    count = len(weights)
+    wide_table, narrow_table = _to_device([torch.cat([offsets.flatten(), shapes.flatten()]), torch.cat([program_first, program_tensor])], device)
     _dequant_many[(sum(counts),)](
         weights[0].view(torch.int8), scales[0], outs[0].view(torch.int16),
-        offsets.to(device), shapes.to(device), program_tensor.to(device), program_first.to(device), len(weights),
-        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, COL_BLOCKS=col_blocks, ALIGNED=aligned,
+        wide_table[: 3 * count], wide_table[3 * count :], narrow_table[count:], narrow_table[:count], count,
+        BLOCK_ROWS=block[0], BLOCK_COLS=block[1], TILE_ROWS=tile_rows, ALIGNED=aligned,
         WIDE=any(w.numel() >= 2**31 for w in weights),
-        NATIVE=native_fp8(device) if native is None else native, num_warps=num_warps,
+        NATIVE=native_fp8(device) if native is None else native, LOCAL=local and _local_fits(tile_rows, weights), EARLY_SCALE=early_scale,
+        num_warps=num_warps,
     )

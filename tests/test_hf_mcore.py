@@ -6,11 +6,13 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from converters import dist_ckpt
 from converters.fixtures import make_fp8_checkpoint
@@ -259,8 +261,11 @@ def test_kill_minus_nine_then_resume(tmp_path):
             assert (dst / "release" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_streaming_planner_prefetches_within_its_budget_in_any_order(models, tmp_path):
-    """The background reader gives the writer the same tensors, in plan order or not, never more than the budget ahead."""
+@pytest.mark.parametrize("readers", [1, 3])
+def test_streaming_planner_prefetches_within_its_budget_in_any_order(models, tmp_path, readers):
+    """The background readers give the writer the same tensors, in plan order or not, never more than the
+    budget ahead; with a buffer pool, a tensor's buffer is reused only after the writer asked for the next one."""
+    from converters.buffers import BufferPool
     from converters.hf_mcore import _chunk_reader
     from converters.hf_source import HFCheckpoint
 
@@ -268,15 +273,53 @@ def test_streaming_planner_prefetches_within_its_budget_in_any_order(models, tmp
     pieces = [p for p in max(plan.bins, key=len) if p.chunk is not None]
     source = HFCheckpoint(models["fp8"])
     direct = _chunk_reader(source)
+    pool = BufferPool(dist_ckpt.PREFETCH_BYTES)
+    pooled = _chunk_reader(source, pool)
     outstanding = {"max": 0}
     budget = 3 * max(p.nbytes for p in pieces)
     for order in (pieces, pieces[::-1], pieces[1::2] + pieces[::2]):
-        planner = dist_ckpt.StreamingPlanner(pieces, direct, lambda n: None, prefetch_bytes=budget)
+        planner = dist_ckpt.StreamingPlanner(pieces, pooled, lambda n: None, prefetch_bytes=budget, readers=readers, recycle=pool.give)
         with planner.prefetching():
+            previous = None
             for piece in order:
                 pending = sum(planner.pieces[i].nbytes for i in planner.pending)
                 outstanding["max"] = max(outstanding["max"], pending)
+                if previous is not None:  # the tensor being written: untouched by the readers meanwhile
+                    time.sleep(0.01)
+                    assert torch.equal(previous[0], previous[1])
                 got = planner.resolve_data(piece.item)
                 assert torch.equal(got, direct(piece.chunk).reshape(got.shape)), piece.item.index
+                previous = (got, got.clone())
+            planner.done_with_last()
         assert not planner.pending
     assert 0 < outstanding["max"] <= budget
+    assert pool.reused > pool.allocated  # most chunks were read into buffers used before
+
+
+def test_buffer_pool_lends_exact_sizes_and_keeps_idle_ones_within_its_limit():
+    from converters.buffers import BufferPool
+
+    pool = BufferPool(idle_limit=100)
+    a, b = pool.take(40), pool.take(40)
+    assert a.numel() == 40 and a.dtype == torch.uint8 and a.data_ptr() != b.data_ptr()
+    pool.give(a.view(torch.int16).view(4, 5))  # any view of a lent buffer gives it back
+    assert pool.take(40).data_ptr() == a.data_ptr() and pool.reused == 1
+    pool.give(torch.empty(40, dtype=torch.uint8))  # not ours: ignored
+    assert pool.take(30).numel() == 30 and pool.allocated == 3  # no buffer of that size: a new one
+    big = pool.take(60)
+    pool.give(b), pool.give(big)  # 100 bytes idle: both kept
+    pool.give(a)  # 140 idle > 100: the least recently returned (b) is dropped
+    assert pool.take(60).data_ptr() == big.data_ptr()
+    assert pool.take(40).data_ptr() == a.data_ptr()
+    assert pool.take(40).data_ptr() not in (a.data_ptr(), big.data_ptr())
+
+
+def test_more_readers_give_identical_files(models, tmp_path):
+    release = to_mcore(models["fp8"], tmp_path / "readers", "--readers", "3")
+    names = sorted(p.name for p in models["te"].iterdir())
+    assert names == sorted(p.name for p in release.iterdir()) and ".metadata" in names
+    for name in names:
+        if name != ".metadata":  # which holds the output path
+            assert (release / name).read_bytes() == (models["te"] / name).read_bytes(), name
+    ours, reference = (FileSystemReader(str(path)).read_metadata() for path in (release, models["te"]))
+    assert ours.state_dict_metadata == reference.state_dict_metadata and ours.storage_data == reference.storage_data

@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     mcore.add_argument("--drop-mtp", action="store_true", help="leave the MTP layers out")
     mcore.add_argument("--device", default="cpu", help="where FP8 weights are dequantised: cpu (default), cuda, auto")
     mcore.add_argument("--workers", type=_positive, default=1, help="processes writing bins in parallel")
-    mcore.add_argument("--readers", type=_positive, default=1,
-                       help="threads reading and dequantising ahead of the writer, per process (default 1)")
+    mcore.add_argument("--readers", type=_positive, default=None,
+                       help="threads reading and dequantising ahead of the writer, per process "
+                       "(default: 1 with --device cuda, else a quarter of the CPU cores, at most 4)")
     mcore.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="write part I of N of the bins")
     mcore.add_argument("--bin-mb", type=_positive, default=512, help="size of each .distcp file, bounds memory (default 512)")
     _output_flags(mcore)

@@ -323,3 +323,12 @@ def test_more_readers_give_identical_files(models, tmp_path):
             assert (release / name).read_bytes() == (models["te"] / name).read_bytes(), name
     ours, reference = (FileSystemReader(str(path)).read_metadata() for path in (release, models["te"]))
     assert ours.state_dict_metadata == reference.state_dict_metadata and ours.storage_data == reference.storage_data
+
+
+def test_default_readers_follow_the_device_and_the_cores(monkeypatch):
+    from converters import hf_mcore
+
+    for cores, workers, expected in ((2, 1, 1), (8, 1, 2), (16, 1, 4), (128, 1, 4), (16, 2, 2), (16, 8, 1)):
+        monkeypatch.setattr(hf_mcore.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert hf_mcore.default_readers("cpu", workers) == expected, (cores, workers)
+        assert hf_mcore.default_readers("cuda", workers) == 1

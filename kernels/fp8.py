@@ -125,8 +125,14 @@ def _dequant_cpu(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
     # One multiply by scale * 2**120 equals the two exact steps unless that product overflows.
     combined = scale_inv * _REBIAS
     fused = bool((torch.isfinite(combined) | ~torch.isfinite(scale_inv)).all())
-    scale_has_nan = bool(torch.isnan(scale_inv).any())
     signed = weight.view(torch.int8)
+    # NaN results need their bits rewritten: from NaN bytes (0x7F, 0xFF: the int8 and uint8 maxima, found by
+    # two fast reductions instead of comparing every chunk) or from NaN and infinite scales (inf * 0)
+    may_give_nan = (
+        bool((~torch.isfinite(scale_inv)).any())
+        or bool(signed.max() == 127)
+        or bool(weight.view(torch.uint8).max() == 255)
+    )
     chunk_rows = max(1, min(block_rows, _CPU_CHUNK_ELEMENTS // max(cols, 1)))
     buffer = torch.empty((chunk_rows, cols), dtype=torch.int32)
     start = 0
@@ -148,10 +154,9 @@ def _dequant_cpu(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int
             values[:, full_cols:].mul_(scale_row[full_col_blocks])
         target = out[start:stop]
         target.copy_(values)
-        nan_bytes = (raw == 127) | (raw == -1)
-        if scale_has_nan or bool(nan_bytes.any()):
+        if may_give_nan:
             as_int = target.view(torch.int16)
-            as_int[nan_bytes | torch.isnan(target)] = _CANONICAL_NAN
+            as_int[(raw == 127) | (raw == -1) | torch.isnan(target)] = _CANONICAL_NAN
         start = stop
 
 

@@ -1,8 +1,8 @@
 """Triton kernels for FP8 (e4m3) block dequantisation: one tensor, or many tensors in one launch.
 
-e4m3 is decoded from its bits and bf16 is rounded with integer operations, so the kernels need no
-native FP8 conversion (they run on sm_80 and newer) and give the same bits under TRITON_INTERPRET=1,
-whose own float32 -> bfloat16 cast truncates instead of rounding to nearest even.
+On sm_89 and newer the GPU's own e4m3 and bf16 conversions are used. Elsewhere (sm_80/86, and under
+TRITON_INTERPRET=1, whose float32 -> bfloat16 cast truncates instead of rounding to nearest even) e4m3
+is decoded from its bits and bf16 rounded with integer operations. Both give the same bits.
 """
 
 from __future__ import annotations

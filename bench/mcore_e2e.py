@@ -13,6 +13,7 @@ model, hold every HF tensor, then `dist_checkpointing.save`): time and peak RSS 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -98,6 +99,16 @@ def make_wide_fp8(dst: Path, experts: int, values: str = "random") -> int:
     return total
 
 
+def _digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            while block := handle.read(16 * 1024 * 1024):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def timed(command: list[str]) -> dict:
     """Run a command under /usr/bin/time: its own wall time and peak RSS (and its --json summary, if any)."""
     result = subprocess.run(["/usr/bin/time", "-f", "TIMED %e %M", *command], capture_output=True, text=True)
@@ -119,8 +130,9 @@ def widths(work: Path, experts: int, repeats: int = 1, configs: tuple[str, ...] 
     shutil.rmtree(work, ignore_errors=True)
     source_bytes = make_wide_fp8(src, experts, values)
     runs: dict[str, list[dict]] = {config: [] for config in configs}
+    digests: dict[str, str] = {}
     floors = []
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for config in configs:
             device, readers = config.split(":")
             shutil.rmtree(dst, ignore_errors=True)
@@ -128,6 +140,8 @@ def widths(work: Path, experts: int, repeats: int = 1, configs: tuple[str, ...] 
             runs[config].append(timed([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(src), "--dst", str(dst),
                                        "--device", device, "--readers", readers, "--workers", str(workers), "--quiet", "--json"]))
             out_bytes = sum(p.stat().st_size for p in (dst / "release").glob("*.distcp"))
+            if repeat == 0:  # every config must write the same files (GPU and CPU dequant included)
+                digests[config] = _digest(sorted((dst / "release").glob("*.distcp")))
         shutil.rmtree(dst, ignore_errors=True)
         os.sync()
         floors.append(io_floor(src, out_bytes, work / "floor.bin"))
@@ -138,7 +152,7 @@ def widths(work: Path, experts: int, repeats: int = 1, configs: tuple[str, ...] 
         results[config] = {"best": best, "vs_floor": round(best["seconds"] / floor["floor_s"], 2), "all_s": [r["seconds"] for r in timings],
                            "conversion_vs_floor": round(best["conversion_s"] / floor["floor_s"], 2)}
     return {"experts": experts, "values": values, "workers": workers, "cores": os.cpu_count(), "source_gb": round(source_bytes / 1e9, 2),
-            "output_gb": round(out_bytes / 1e9, 2), "floor": floor, "all_floors_s": [f["floor_s"] for f in floors], "runs": results}
+            "output_gb": round(out_bytes / 1e9, 2), "outputs_identical": len(set(digests.values())) == 1, "floor": floor, "all_floors_s": [f["floor_s"] for f in floors], "runs": results}
 
 
 LOAD_ALL_SCRIPT = """

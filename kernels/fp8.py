@@ -1,8 +1,9 @@
 """FP8 (e4m3) block quantisation and dequantisation with one dispatch: Triton on GPU, exact torch on CPU.
 
 Every path computes round_to_nearest_even(float32(w) * scale_inv) as bfloat16 and returns the same
-bits: the CPU path decodes e4m3 with integer operations and lets torch round; the Triton kernel does
-the same decode and rounds with integer operations. NaN results are the bf16 NaN 0x7FFF on every path (the GPU's conversion gives it by itself).
+bits: the CPU path decodes e4m3 with integer operations and lets torch round; the Triton kernel uses
+the GPU's conversions on sm_89+ and the same integer forms elsewhere (kernels/fp8_triton.py). NaN
+results are the bf16 NaN 0x7FFF on every path (the GPU's conversion gives it by itself).
 """
 
 from __future__ import annotations

@@ -62,20 +62,27 @@ MTP: list[tuple[str, str]] = [
 # in the MTP layer these duplicate the main model's and are not written
 MTP_DUPLICATES = ("embed_tokens.weight", "shared_head.head.weight")
 
-# Linear modules whose `_extra_state` a loader asks for (Megatron's local linears and every TE
-# module carry one; it holds FP8 scaling state, empty outside FP8 training). Writing all is safe:
-# keys a model does not ask for are ignored on load.
+# Modules whose `_extra_state` a loader asks for: Megatron's local linears and every Transformer
+# Engine module carry one (FP8 scaling state; None outside FP8 training). Keys a model does not ask
+# for are ignored on load, a key it asks for and the checkpoint lacks is an error.
 EXTRA_STATE_MODULES = (
     "self_attention.linear_proj",
-    "self_attention.linear_q_proj",
-    "self_attention.linear_q_down_proj",
-    "self_attention.linear_q_up_proj",
     "self_attention.linear_kv_down_proj",
     "self_attention.linear_kv_up_proj",
 )
+# q_lora_rank set: a down/up pair; q_lora_rank null (V2-Lite): one linear_q_proj
+Q_LORA_EXTRA_STATE = ("self_attention.linear_q_down_proj", "self_attention.linear_q_up_proj")
+Q_PROJ_EXTRA_STATE = ("self_attention.linear_q_proj",)
 DENSE_EXTRA_STATE = ("mlp.linear_fc1", "mlp.linear_fc2")
 MOE_EXTRA_STATE = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")
 EXPERT_EXTRA_STATE = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
+# The TE spec's unfused norms are TENorm (te.pytorch.RMSNorm), a TE op with extra state of its own
+# (seen with TE 2.20.2 + megatron-core 0.16.1: a load without these keys fails). The local spec's
+# norms are plain torch modules and have none. Dense layers fuse pre_mlp_layernorm into linear_fc1.
+TE_NORM_EXTRA_STATE = ("input_layernorm",)
+TE_MOE_NORM_EXTRA_STATE = ("pre_mlp_layernorm",)
+TE_GLOBAL_NORM_EXTRA_STATE = ("decoder.final_layernorm",)
+TE_MTP_NORM_EXTRA_STATE = ("enorm", "hnorm", "final_layernorm")
 
 CHUNK_BYTES = 256 * 1024 * 1024
 
@@ -106,6 +113,11 @@ class MappingPlan:
     tensors: list[McoreTensor]
     objects: list[str]  # unique keys of ShardedObjects (`_extra_state`), payload None
     used_sources: set[str]
+
+
+def _object_key(module: str) -> str:
+    """The stored key of a module's replicated `_extra_state` ShardedObject (offset 0 of 1)."""
+    return f"{module}._extra_state/shard_0_1"
 
 
 def _pick(name: str | dict[str, str], spec: str) -> str:
@@ -167,8 +179,11 @@ def plan_mapping(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], spe
             tensor.chunks += [Chunk((0, 0), shapes[gate], gate), Chunk((rows, 0), shapes[up], up)]
             used.update((gate, up))
             tensors.append(tensor)
-        modules = EXTRA_STATE_MODULES + (MOE_EXTRA_STATE if is_moe else DENSE_EXTRA_STATE)
-        objects.extend(f"{mc_prefix}{module}._extra_state/shard_0_1" for module in modules)
+        modules = EXTRA_STATE_MODULES + (Q_LORA_EXTRA_STATE if config.get("q_lora_rank") else Q_PROJ_EXTRA_STATE)
+        modules += MOE_EXTRA_STATE if is_moe else DENSE_EXTRA_STATE
+        if spec == "te":
+            modules += TE_NORM_EXTRA_STATE + (TE_MOE_NORM_EXTRA_STATE if is_moe else ())
+        objects.extend(_object_key(mc_prefix + module) for module in modules)
         if not is_moe:
             return
         for key, sources in EXPERTS:
@@ -192,13 +207,17 @@ def plan_mapping(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], spe
 
     for hf, mc in GLOBAL:
         single(hf, mc, required=not (hf == "lm_head.weight" and config.get("tie_word_embeddings")))
+    if spec == "te":
+        objects.extend(_object_key(norm) for norm in TE_GLOBAL_NORM_EXTRA_STATE)
     for i in range(layers):
         layer(f"model.layers.{i}.", f"decoder.layers.{i}.", bool(moe[i]))
     for k in range(mtp_layers):
         hf_prefix, mc_prefix = f"model.layers.{layers + k}.", f"mtp.layers.{k}."
         for hf, mc in MTP:
             single(hf_prefix + hf, mc_prefix + mc)
-        objects.append(f"{mc_prefix}eh_proj._extra_state/shard_0_1")
+        objects.append(_object_key(f"{mc_prefix}eh_proj"))
+        if spec == "te":
+            objects.extend(_object_key(mc_prefix + norm) for norm in TE_MTP_NORM_EXTRA_STATE)
         # the MTP layer is MoE when its checkpoint says so (DeepSeek-V3: always)
         layer(hf_prefix, mc_prefix + "transformer_layer.", is_moe=f"{hf_prefix}mlp.gate.weight" in shapes)
         used.update(hf_prefix + name for name in MTP_DUPLICATES if hf_prefix + name in shapes)

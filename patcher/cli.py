@@ -10,6 +10,7 @@ from pathlib import Path
 from patcher import __version__
 from patcher.fsio import ReadOnlyTargetError
 from patcher.patches import MegatronTree, PatchError, Status, resolve
+from patcher.stack import tree_advice
 
 DESCRIPTION = """\
 Patch Megatron-Core and DeepSeek-V3 configs for verl GRPO.
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_status(status: Status) -> None:
+def _print_status(status: Status, advice: dict | None) -> None:
     version = f"  ({'megatron-core ' if status.target == 'megatron' else 'model_type '}{status.version or 'unknown'})"
     print(f"{status.target}: {status.path}{version}")
     print(f"  state: {status.state}")
@@ -90,6 +91,16 @@ def _print_status(status: Status) -> None:
         print(f"  {'':<14} {patch['message']}")
     if not status.patches:
         print(f"  {status.message}")
+    if advice is not None:
+        stack = advice["stack"]
+        print(
+            f"  stack: verl {stack['verl'] or '-'}, mbridge {stack['mbridge'] or '-'}, megatron-bridge {stack['megatron_bridge'] or '-'}"
+            f" -> exporter {advice['exporter'] or 'unknown (verl not installed)'}"
+        )
+        for reason in advice["reasons"]:
+            print(f"    {reason}")
+        if advice["harmful"]:
+            print(f"  HARMFUL: {'; '.join(advice['harmful'])}")
     if status.backup:
         print(f"  original kept in {status.backup}")
 
@@ -100,10 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         patch = resolve(args.path, keep_mtp=args.keep_mtp)
         if args.command == "status":
             status = patch.detect()
+            advice = tree_advice(status)
             if args.json:
-                print(json.dumps(status.to_json(), indent=2))
+                print(json.dumps({**status.to_json(), "advice": advice}, indent=2))
             else:
-                _print_status(status)
+                _print_status(status, advice)
             return status.exit_code
         if args.command == "apply" and isinstance(patch, MegatronTree):
             outcome = patch.apply(dry_run=args.dry_run, seed_edit=args.seed_edit, rope_fix=args.rope_fix)

@@ -224,3 +224,47 @@ def test_version_and_help():
     assert code == 0 and out.startswith("patcher ")
     code, out, _ = run("apply", "--help")
     assert code == 0 and "--dry-run" in out and "exit codes" in out
+
+
+def test_fp8_checkpoint_keeps_its_quantization_config(tmp_path):
+    """Dropping quantization_config from a checkpoint that still holds FP8 weights would make it unreadable."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"
+    path = write_config(model, deepseek_v3_config())
+    save_file(
+        {"model.layers.0.mlp.down_proj.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn), "model.norm.weight": torch.ones(4)},
+        model / "model.safetensors",
+    )
+    before = sorted((p.name, p.read_bytes()) for p in model.iterdir())
+    for command in (["apply"], ["apply", "--dry-run"], ["status"]):
+        code, out, err = run(*command, str(model))
+        assert code == 2 and "this checkpoint is FP8; run `convert fp8-bf16` first" in err + out
+        assert "float8" in err + out
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w_scale_inv": "a.safetensors"}}))
+    code, _, err = run("apply", str(model))
+    assert code == 2 and "_scale_inv" in err
+    (model / "model.safetensors.index.json").unlink()
+    assert sorted((p.name, p.read_bytes()) for p in model.iterdir()) == before
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(4, 4, dtype=torch.bfloat16)}, model / "model.safetensors")
+    assert run("apply", str(model))[0] == 0  # BF16 weights: the config is patched
+    assert "quantization_config" not in json.loads(path.read_text())
+
+
+def test_revert_restores_a_symlinked_config(tmp_path):
+    """HF hub snapshots link config.json into blobs/: apply leaves the blob alone, revert puts the link back."""
+    blobs = tmp_path / "blobs"
+    blob = write_config(blobs, deepseek_v3_config()).rename(blobs / "0123abcd")
+    snapshot = tmp_path / "snapshots" / "main"
+    snapshot.mkdir(parents=True)
+    link = snapshot / "config.json"
+    link.symlink_to(os.path.relpath(blob, snapshot))
+    blob_bytes = blob.read_bytes()
+    assert run("apply", str(snapshot))[0] == 0
+    assert not link.is_symlink() and "quantization_config" not in json.loads(link.read_text())
+    assert blob.read_bytes() == blob_bytes
+    assert (snapshot / "config.json.orig").is_symlink()
+    assert run("revert", str(snapshot))[0] == 0
+    assert link.is_symlink() and os.readlink(link) == os.path.relpath(blob, snapshot)
+    assert link.read_bytes() == blob_bytes and not os.path.lexists(snapshot / "config.json.orig")

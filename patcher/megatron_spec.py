@@ -1,9 +1,11 @@
-"""libcst codemod: make MLA's q/kv down projections column-parallel in Megatron's gpt_layer_specs.py.
+"""libcst codemod: the how-to's edit, MLA's q/kv down projections made column-parallel in gpt_layer_specs.py.
 
-Why: from megatron-core 0.14 the Transformer Engine spec builds `linear_q_down_proj` and
-`linear_kv_down_proj` with `backend.linear()` (a duplicated TELinear). verl's weight resharding to
-vLLM at TP > 1 then gathers these weights as if they were TP-split. Column-parallel down projections
-(what 0.12 and 0.13 used) avoid that; MLASelfAttention accepts both forms in every release.
+From megatron-core 0.14 the Transformer Engine spec builds `linear_q_down_proj` and `linear_kv_down_proj`
+with `backend.linear()` (a duplicated TELinear). The seed how-to rewrites them to column-parallel, the
+layout of 0.12/0.13, to fix weight export at TP > 1. That layout takes MLA's column-parallel branch,
+whose k_pos_emb gradient is wrong at TP > 1 without the rope-gradient fix (patcher/mla_rope_grad.py), so
+`patcher` applies this edit only on request (--seed-edit) and always together with that fix; the export
+problem itself is fixed by the export flag (patcher/te_export_flag.py).
 """
 
 from __future__ import annotations

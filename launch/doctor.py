@@ -1,4 +1,4 @@
-"""`launch doctor`: installed versions against the tested matrix, and the Megatron patch status."""
+"""`launch doctor`: installed versions against the tested matrix, the Megatron patches and what this stack needs."""
 
 from __future__ import annotations
 
@@ -46,10 +46,18 @@ def report() -> dict:
     except ImportError:
         pass
     from patcher.patches import PatchError, resolve
+    from patcher.stack import tree_advice
 
     try:
         status = resolve(None).detect()
-        patch = {"state": status.state, "version": status.version, "message": status.message, "path": status.path}
+        patch = {
+            "state": status.state,
+            "version": status.version,
+            "message": status.message,
+            "path": status.path,
+            "patches": status.patches,
+            "advice": tree_advice(status),
+        }
     except PatchError as exc:
         patch = {"state": "unavailable", "message": str(exc)}
     return {"packages": [asdict(row) for row in rows], "cuda": cuda, "megatron_patch": patch}
@@ -62,4 +70,14 @@ def print_report(data: dict) -> None:
     if data["cuda"]:
         print(f"CUDA available: {data['cuda']['available']}  (torch built for CUDA {data['cuda']['cuda']}, cuDNN {data['cuda']['cudnn']})")
     patch = data["megatron_patch"]
-    print(f"Megatron patch: {patch['state']}: {patch['message']}")
+    print(f"Megatron patches (megatron-core {patch.get('version') or '-'}): {patch['state']}")
+    for state in patch.get("patches", []):
+        print(f"  {state['name']:<14} {state['state']:<11} {state['message']}")
+    advice = patch.get("advice")
+    if advice:
+        stack = advice["stack"]
+        print(f"Stack: verl {stack['verl'] or '-'}, mbridge {stack['mbridge'] or '-'}, megatron-bridge {stack['megatron_bridge'] or '-'}; exporter {advice['exporter'] or 'unknown'}")
+        for reason in advice["reasons"]:
+            print(f"  {reason}")
+        if advice["harmful"]:
+            print(f"  HARMFUL: {'; '.join(advice['harmful'])}")

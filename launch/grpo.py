@@ -71,18 +71,27 @@ def _check_model(preflight: Preflight, model: Path) -> None:
         preflight.add("HF config", status.state != "unsupported", status.message)
 
 
-def _check_megatron(preflight: Preflight, plan: Plan) -> None:
+def check_megatron(preflight: Preflight, plan: Plan, verl_config: dict | None, megatron: Path | None = None) -> None:
+    """Fail on a harmful Megatron state for this stack; demand only the patches this stack needs.
+
+    `megatron`: the tree the workers import (default: the megatron-core this Python imports)."""
     from patcher.patches import PatchError, resolve
+    from patcher.stack import advise, installed_stack
 
     try:
-        status = resolve(None).detect()
+        status = resolve(megatron).detect()
     except PatchError as exc:
         preflight.add("Megatron patch", False, str(exc))
         return
-    if status.state == "needs-patch" and plan.tp > 1:
-        preflight.add("Megatron patch", False, f"megatron-core {status.version}: {status.message}; run `patcher apply {Path(status.path).parents[4]}` (TP={plan.tp})")
-    else:
-        preflight.add("Megatron patch", status.state != "unsupported", f"megatron-core {status.version}: {status.state}")
+    if status.state == "unsupported":
+        preflight.add("Megatron patch", False, f"megatron-core {status.version}: {status.message}")
+        return
+    advice = advise(installed_stack(status.version, verl_config), status.patches, tp=plan.tp)
+    tree = status.path
+    ok = not advice.harmful and not advice.needed
+    action = f"; fix: `patcher apply {tree}`" if advice.needed else ""
+    detail = f"megatron-core {status.version}, TP={plan.tp}, exporter {advice.exporter or 'unknown'}: " + " | ".join(advice.reasons)
+    preflight.add("Megatron patch", ok, detail + action)
 
 
 def _check_checkpoint(preflight: Preflight, ckpt: Path, config: dict) -> None:
@@ -119,6 +128,7 @@ def _check_data(preflight: Preflight, data: Path) -> None:
 def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path, sets: list[str], environ: Mapping[str, str]) -> dict:
     """Everything `--dry-run` prints: plan, environment, exact command and the preflight results."""
     preflight = Preflight()
+    verl_config = None
     if (mcore_ckpt / "release" / "metadata.json").is_file():
         mcore_ckpt = mcore_ckpt / "release"  # verl wants the directory that holds metadata.json
     verl_version = installed_verl()
@@ -131,10 +141,11 @@ def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path,
         overrides = build_overrides(plan, model, mcore_ckpt, data, verl_dialect, sets)
         command = command_line(verl_dialect, overrides)
         result = validate_with_verl(verl_dialect, overrides)
+        verl_config = result.get("config")
         preflight.add("verl config", result["ok"], "composed with every override; verl's validate_config passed" if result["ok"] else result["error"])
     preflight.add("plan", plan.world == plan.nodes * plan.gpus_per_node, f"{plan.nodes} x {plan.gpus_per_node} GPUs, DP={plan.dp}")
     _check_model(preflight, model)
-    _check_megatron(preflight, plan)
+    check_megatron(preflight, plan, verl_config)
     _check_checkpoint(preflight, mcore_ckpt, config)
     _check_data(preflight, data)
     cluster = cluster_from_env(environ, nodes=plan.nodes)

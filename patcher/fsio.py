@@ -13,8 +13,11 @@ class ReadOnlyTargetError(OSError):
 
 
 def ensure_writable(path: Path) -> None:
-    """Refuse a file whose mode has no write bit, even for root, before anything is written."""
-    if path.exists() and not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+    """Refuse a file whose mode has no write bit, even for root, before anything is written.
+
+    A symlink passes: an atomic write replaces the link itself and never writes its target.
+    """
+    if not path.is_symlink() and path.exists() and not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
         raise ReadOnlyTargetError(
             f"{path} is read-only (mode {stat.S_IMODE(path.stat().st_mode):o}); "
             f"make it writable (chmod u+w '{path}') or patch a copy of it"

@@ -1,18 +1,23 @@
-"""libcst codemod: make MLA's q/kv down projections column-parallel in Megatron's gpt_layer_specs.py.
+"""libcst codemod: the how-to's edit, MLA's q/kv down projections made column-parallel in gpt_layer_specs.py.
 
-Why: from megatron-core 0.14 the Transformer Engine spec builds `linear_q_down_proj` and
-`linear_kv_down_proj` with `backend.linear()` (a duplicated TELinear). verl's weight resharding to
-vLLM at TP > 1 then gathers these weights as if they were TP-split. Column-parallel down projections
-(what 0.12 and 0.13 used) avoid that; MLASelfAttention accepts both forms in every release.
+From megatron-core 0.14 the Transformer Engine spec builds `linear_q_down_proj` and `linear_kv_down_proj`
+with `backend.linear()` (a duplicated TELinear). The seed how-to rewrites them to column-parallel, the
+layout of 0.12/0.13, to fix weight export at TP > 1. That layout takes MLA's column-parallel branch,
+whose k_pos_emb gradient is wrong at TP > 1 without the rope-gradient fix (patcher/mla_rope_grad.py), so
+`patcher` applies this edit only on request (--seed-edit) and always together with that fix; the export
+problem itself is fixed by the export flag (patcher/te_export_flag.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import libcst as cst
 import libcst.matchers as m
-from libcst.metadata import MetadataWrapper, PositionProvider
+from libcst.metadata import PositionProvider
+
+from patcher.cst_util import SourceParseError, code, parse, with_metadata
 
 SUBMODULES_CLASS = "MLASelfAttentionSubmodules"
 DOWN_PROJ_ARGS = ("linear_q_down_proj", "linear_kv_down_proj")
@@ -68,12 +73,7 @@ class SpecReport:
         return self.calls > 0 and not self.problems and not any(s.state == UNRECOGNISED for s in self.sites)
 
 
-class SpecParseError(ValueError):
-    """The file is not valid Python."""
-
-
-def _code(node: cst.CSTNode) -> str:
-    return cst.Module(body=[]).code_for_node(node)
+SpecParseError = SourceParseError
 
 
 def _builder_call(node: cst.BaseExpression) -> str | None:
@@ -138,7 +138,7 @@ class _Scanner(cst.CSTVisitor):
 
     def _site(self, name: str, value: cst.BaseExpression, line: int) -> Site:
         function = self._functions[-1] if self._functions else "<module>"
-        expression = _code(value)
+        expression = code(value)
         state = classify(value)
         if name == FUSED_DOWN_PROJ_ARG and state == UNRECOGNISED and isinstance(value, cst.Name):
             # megatron-core >= 0.17: `linear_qkv_down_proj=down_proj_linear`, a local chosen between
@@ -214,17 +214,11 @@ class _Rewriter(cst.CSTTransformer):
         return updated_node
 
 
-def _parse(source: str) -> cst.Module:
-    try:
-        return cst.parse_module(source)
-    except cst.ParserSyntaxError as exc:
-        raise SpecParseError(f"line {exc.raw_line} column {exc.raw_column}: not valid Python ({exc.message})") from exc
-
-
+@lru_cache(maxsize=32)
 def scan(source: str) -> SpecReport:
     """Report every MLA down-projection site in a gpt_layer_specs.py source text."""
     scanner = _Scanner()
-    MetadataWrapper(_parse(source)).visit(scanner)
+    with_metadata(source).visit(scanner)
     return scanner.report
 
 
@@ -234,13 +228,14 @@ def _binds(module: cst.Module, name: str) -> bool:
     return bool(imported or assigned)
 
 
+@lru_cache(maxsize=32)
 def rewrite(source: str) -> str:
     """Return `source` with every duplicated down projection made column-parallel.
 
     Only the matched expressions change (plus the import of TEColumnParallelLinear where the class
     form is rewritten and the file does not import it yet); formatting and comments are kept.
     """
-    module = _parse(source)
+    module = parse(source)
     uses_class_form = any(
         site.state == NEEDS_PATCH and site.expression in DUPLICATED_CLASSES for site in scan(source).sites
     )

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: released megatron-core spec files, fetched once into a cache."""
+"""Shared pytest fixtures: released megatron-core files that `patcher` edits, fetched once into a cache."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 WHEEL_CACHE = Path(os.environ.get("MCORE_WHEEL_CACHE", REPO / ".cache" / "mcore-wheels"))
 SPEC_IN_WHEEL = "megatron/core/models/gpt/gpt_layer_specs.py"
 PACKAGE_INFO_IN_WHEEL = "megatron/core/package_info.py"
+PATCHED_IN_WHEEL = (
+    SPEC_IN_WHEEL,
+    PACKAGE_INFO_IN_WHEEL,
+    "megatron/core/extensions/transformer_engine.py",
+    "megatron/core/transformer/multi_latent_attention.py",
+)
 
 
 def fetch_mcore_wheel(version: str) -> Path:
@@ -36,13 +42,13 @@ def fetch_mcore_wheel(version: str) -> Path:
 
 @pytest.fixture(scope="session")
 def mcore_release(tmp_path_factory):
-    """Factory: VERSION -> a fresh scratch `site-packages` dir holding that release's spec and package_info."""
+    """Factory: VERSION -> a fresh scratch `site-packages` dir holding that release's patched files and package_info."""
 
     def extract(version: str) -> Path:
         wheel = fetch_mcore_wheel(version)
         target = tmp_path_factory.mktemp(f"mcore-{version}")
         with zipfile.ZipFile(wheel) as archive:
-            for member in (SPEC_IN_WHEEL, PACKAGE_INFO_IN_WHEEL):
+            for member in PATCHED_IN_WHEEL:
                 out = target / member
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(archive.read(member))

@@ -121,3 +121,50 @@ def test_doctor_reports_versions_and_patch_status():
     assert rows["torch"]["installed"] == torch.__version__ and rows["vllm"]["seed"] == "0.8.5"
     assert data["megatron_patch"]["state"] in ("needs-patch", "applied", "not-needed")
     assert result.returncode == (0 if data["megatron_patch"]["state"] != "needs-patch" else 1)
+
+
+def megatron_copy(tmp_path: Path, *apply_args: str) -> Path:
+    import shutil
+
+    from patcher.cli import main as patcher_main
+    from patcher.patches import installed_megatron_root
+
+    site = tmp_path / "site"
+    shutil.copytree(installed_megatron_root(), site / "megatron", ignore=shutil.ignore_patterns("__pycache__"))
+    if apply_args:
+        assert patcher_main(["apply", *apply_args, str(site)]) == 0
+    return site
+
+
+BRIDGE = {"actor_rollout_ref": {"actor": {"megatron": {"use_mbridge": True, "vanilla_mbridge": False}}}}
+VANILLA = {"actor_rollout_ref": {"actor": {"megatron": {"use_mbridge": True, "vanilla_mbridge": True}}}}
+
+
+def megatron_check(site: Path, config: dict, tp: int = 4):
+    from launch.grpo import Preflight, check_megatron
+
+    preflight = Preflight()
+    check_megatron(preflight, replace(RECIPES["pai-16x8"], tp=tp), config, site)
+    return preflight.checks[0]
+
+
+def test_preflight_demands_no_patch_the_stack_does_not_need(tmp_path):
+    """Installed 0.16.1 as released under verl 0.9.1's Megatron-Bridge: nothing to apply at TP=4."""
+    check = megatron_check(megatron_copy(tmp_path), BRIDGE)
+    assert check.ok, check.message
+    assert "megatron-bridge" in check.message and "not needed" in check.message
+
+
+def test_preflight_fails_on_the_column_edit_without_the_rope_fix(tmp_path):
+    site = megatron_copy(tmp_path, "--seed-edit")
+    mla = site / "megatron/core/transformer/multi_latent_attention.py"
+    mla.write_bytes(mla.with_name(mla.name + ".orig").read_bytes())  # the how-to's edit alone
+    check = megatron_check(site, BRIDGE)
+    assert not check.ok and "Megatron-LM #1699" in check.message and "patcher apply" in check.message
+    assert megatron_check(site, BRIDGE, tp=1).ok  # nothing is split at TP=1
+
+
+def test_preflight_fails_on_the_column_edit_under_a_rank0_exporter(tmp_path):
+    check = megatron_check(megatron_copy(tmp_path, "--seed-edit"), VANILLA)
+    assert not check.ok and "rank 0's copy" in check.message
+    assert megatron_check(megatron_copy(tmp_path / "b", "--seed-edit"), BRIDGE).ok

@@ -17,6 +17,8 @@ from patcher.cli import main
 from patcher.patches import installed_megatron_spec
 
 SPEC = Path("megatron/core/models/gpt/gpt_layer_specs.py")
+TE = Path("megatron/core/extensions/transformer_engine.py")
+MLA = Path("megatron/core/transformer/multi_latent_attention.py")
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +36,9 @@ def run(*args: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def megatron_tree(installed_copy, tmp_path) -> Path:
-    """A Megatron-LM-checkout-like tree with the installed release's spec and package_info."""
+    """A Megatron-LM-checkout-like tree with the installed release's patched files and package_info."""
     root = tmp_path / "Megatron-LM"
-    for relative in (SPEC, Path("megatron/core/package_info.py")):
+    for relative in (SPEC, TE, MLA, Path("megatron/core/package_info.py")):
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(installed_copy / relative, root / relative)
     return root
@@ -52,53 +54,57 @@ def test_status_of_installed_release_needs_patch():
 
 
 def test_apply_dry_run_idempotence_and_exact_revert(megatron_tree):
-    spec = megatron_tree / SPEC
-    original = spec.read_bytes()
-    os.chmod(spec, 0o640)
+    """The installed 0.16.1 needs the export flag by default; nothing else is touched."""
+    te = megatron_tree / TE
+    untouched = {path: (megatron_tree / path).read_bytes() for path in (SPEC, MLA)}
+    original = te.read_bytes()
+    os.chmod(te, 0o640)
 
     code, out, _ = run("apply", "--dry-run", str(megatron_tree))
-    assert code == 0 and "dry run" in out
-    removed = [line for line in out.splitlines() if line.startswith("-") and not line.startswith("---")]
-    added = [line for line in out.splitlines() if line.startswith("+") and not line.startswith("+++")]
-    assert removed and all("down_proj=backend.linear()" in line for line in removed)
-    assert [line[1:].replace("column_parallel_linear", "linear") for line in added] == [line[1:] for line in removed]
-    assert spec.read_bytes() == original and not (spec.parent / "gpt_layer_specs.py.orig").exists()
+    assert code == 0 and "dry run" in out and "export-flag" in out
+    added = [line[1:].strip() for line in out.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    assert not [line for line in out.splitlines() if line.startswith("-") and not line.startswith("---")]
+    assert [line for line in added if not line.startswith("#")] == ['setattr(param, "tensor_model_parallel", False)']
+    assert te.read_bytes() == original and not (te.parent / "transformer_engine.py.orig").exists()
 
     code, out, _ = run("apply", str(megatron_tree))
     assert code == 0 and "patched" in out
-    patched = spec.read_bytes()
+    patched = te.read_bytes()
     assert patched != original
-    assert stat.S_IMODE(spec.stat().st_mode) == 0o640
-    assert (spec.parent / "gpt_layer_specs.py.orig").read_bytes() == original
+    assert stat.S_IMODE(te.stat().st_mode) == 0o640
+    assert (te.parent / "transformer_engine.py.orig").read_bytes() == original
+    assert {path: (megatron_tree / path).read_bytes() for path in (SPEC, MLA)} == untouched
     assert run("status", str(megatron_tree))[0] == 0
 
     code, out, _ = run("apply", str(megatron_tree))
     assert code == 0 and "nothing to do" in out
-    assert spec.read_bytes() == patched
+    assert te.read_bytes() == patched
 
     code, out, _ = run("revert", str(megatron_tree))
     assert code == 0
-    assert spec.read_bytes() == original
-    assert stat.S_IMODE(spec.stat().st_mode) == 0o640
-    assert not (spec.parent / "gpt_layer_specs.py.orig").exists()
+    assert te.read_bytes() == original
+    assert stat.S_IMODE(te.stat().st_mode) == 0o640
+    assert not (te.parent / "transformer_engine.py.orig").exists()
     assert run("status", str(megatron_tree))[0] == 1
 
 
-def test_every_path_form_resolves_to_the_spec(megatron_tree):
-    forms = [megatron_tree, megatron_tree / "megatron", megatron_tree / SPEC]
+def test_every_path_form_resolves_to_the_tree(megatron_tree):
+    forms = [megatron_tree, megatron_tree / "megatron", megatron_tree / "megatron/core", megatron_tree / SPEC, megatron_tree / TE, megatron_tree / MLA]
     paths = {json.loads(run("status", "--json", str(form))[1])["path"] for form in forms}
-    assert {Path(p).resolve() for p in paths} == {(megatron_tree / SPEC).resolve()}
+    assert {Path(p).resolve() for p in paths} == {(megatron_tree / "megatron").resolve()}
 
 
 def test_patched_copy_still_imports(installed_copy, tmp_path):
     site = tmp_path / "site"
     shutil.copytree(installed_copy, site, ignore=shutil.ignore_patterns("__pycache__"))
-    assert run("apply", str(site))[0] == 0
+    assert run("apply", "--seed-edit", str(site))[0] == 0
     probe = (
         "import megatron.core.models.gpt.gpt_layer_specs as s, pathlib;"
         "print(pathlib.Path(s.__file__).resolve());"
         "spec = s.get_gpt_layer_local_spec(num_experts=None, moe_grouped_gemm=False, multi_latent_attention=True);"
-        "print(spec.submodules.self_attention.submodules.linear_q_down_proj.__name__)"
+        "print(spec.submodules.self_attention.submodules.linear_q_down_proj.__name__);"
+        "import megatron.core.transformer.multi_latent_attention as mla;"
+        "print(mla.copy_to_tensor_model_parallel_region.__module__)"
     )
     env = {**os.environ, "PYTHONPATH": str(site)}
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -106,11 +112,12 @@ def test_patched_copy_still_imports(installed_copy, tmp_path):
     lines = result.stdout.split()
     assert Path(lines[0]).is_relative_to(site.resolve())
     assert lines[1] == "ColumnParallelLinear"
+    assert lines[2] == "megatron.core.tensor_parallel.mappings"
 
 
 def test_revert_refuses_a_file_changed_since_patching(megatron_tree):
     spec = megatron_tree / SPEC
-    assert run("apply", str(megatron_tree))[0] == 0
+    assert run("apply", "--seed-edit", str(megatron_tree))[0] == 0
     spec.write_text(spec.read_text() + "\n# edited by hand\n")
     edited = spec.read_bytes()
     code, _, err = run("revert", str(megatron_tree))
@@ -118,6 +125,7 @@ def test_revert_refuses_a_file_changed_since_patching(megatron_tree):
     assert spec.read_bytes() == edited
     assert run("revert", "--force", str(megatron_tree))[0] == 0
     assert "edited by hand" not in spec.read_text()
+    assert not list(megatron_tree.rglob("*.orig"))
 
 
 def write_config(directory: Path, config: dict, indent: int | None = 2) -> Path:
@@ -194,14 +202,14 @@ def test_bad_files_are_refused_and_untouched(tmp_path, name, content, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
-def test_read_only_spec_is_refused(megatron_tree):
-    spec = megatron_tree / SPEC
-    original = spec.read_bytes()
-    os.chmod(spec, 0o444)
-    code, _, err = run("apply", str(megatron_tree))
-    assert code == 2 and "read-only" in err and str(spec) in err and "chmod" in err
-    assert spec.read_bytes() == original
-    assert not (spec.parent / "gpt_layer_specs.py.orig").exists()
+def test_read_only_file_is_refused_before_anything_is_written(megatron_tree):
+    te = megatron_tree / TE
+    before = {path: (megatron_tree / path).read_bytes() for path in (SPEC, TE, MLA)}
+    os.chmod(te, 0o444)
+    code, _, err = run("apply", "--seed-edit", str(megatron_tree))
+    assert code == 2 and "read-only" in err and str(te) in err and "chmod" in err
+    assert {path: (megatron_tree / path).read_bytes() for path in (SPEC, TE, MLA)} == before
+    assert not list(megatron_tree.rglob("*.orig"))
 
 
 def test_missing_and_unknown_paths(tmp_path):
@@ -216,3 +224,47 @@ def test_version_and_help():
     assert code == 0 and out.startswith("patcher ")
     code, out, _ = run("apply", "--help")
     assert code == 0 and "--dry-run" in out and "exit codes" in out
+
+
+def test_fp8_checkpoint_keeps_its_quantization_config(tmp_path):
+    """Dropping quantization_config from a checkpoint that still holds FP8 weights would make it unreadable."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"
+    path = write_config(model, deepseek_v3_config())
+    save_file(
+        {"model.layers.0.mlp.down_proj.weight": torch.zeros(4, 4, dtype=torch.float8_e4m3fn), "model.norm.weight": torch.ones(4)},
+        model / "model.safetensors",
+    )
+    before = sorted((p.name, p.read_bytes()) for p in model.iterdir())
+    for command in (["apply"], ["apply", "--dry-run"], ["status"]):
+        code, out, err = run(*command, str(model))
+        assert code == 2 and "this checkpoint is FP8; run `convert fp8-bf16` first" in err + out
+        assert "float8" in err + out
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w_scale_inv": "a.safetensors"}}))
+    code, _, err = run("apply", str(model))
+    assert code == 2 and "_scale_inv" in err
+    (model / "model.safetensors.index.json").unlink()
+    assert sorted((p.name, p.read_bytes()) for p in model.iterdir()) == before
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(4, 4, dtype=torch.bfloat16)}, model / "model.safetensors")
+    assert run("apply", str(model))[0] == 0  # BF16 weights: the config is patched
+    assert "quantization_config" not in json.loads(path.read_text())
+
+
+def test_revert_restores_a_symlinked_config(tmp_path):
+    """HF hub snapshots link config.json into blobs/: apply leaves the blob alone, revert puts the link back."""
+    blobs = tmp_path / "blobs"
+    blob = write_config(blobs, deepseek_v3_config()).rename(blobs / "0123abcd")
+    snapshot = tmp_path / "snapshots" / "main"
+    snapshot.mkdir(parents=True)
+    link = snapshot / "config.json"
+    link.symlink_to(os.path.relpath(blob, snapshot))
+    blob_bytes = blob.read_bytes()
+    assert run("apply", str(snapshot))[0] == 0
+    assert not link.is_symlink() and "quantization_config" not in json.loads(link.read_text())
+    assert blob.read_bytes() == blob_bytes
+    assert (snapshot / "config.json.orig").is_symlink()
+    assert run("revert", str(snapshot))[0] == 0
+    assert link.is_symlink() and os.readlink(link) == os.path.relpath(blob, snapshot)
+    assert link.read_bytes() == blob_bytes and not os.path.lexists(snapshot / "config.json.orig")

@@ -1,80 +1,167 @@
-"""patcher against the real gpt_layer_specs.py of released megatron-core wheels (fetched once, cached)."""
+"""patcher against the real files of released megatron-core wheels (fetched once, cached)."""
 
 from __future__ import annotations
 
 import difflib
 import json
+import shutil
 
 import pytest
 
 from patcher.cli import main
-from patcher.patches import resolve
 
 pytestmark = pytest.mark.network
 
-# version -> (state before, functions whose down projections get patched, sites patched)
-RELEASES = {
-    "0.12.3": ("not-needed", set(), 0),  # class form, already TEColumnParallelLinear
-    "0.13.1": ("not-needed", set(), 0),  # backend.column_parallel_linear()
-    "0.14.0": ("needs-patch", {"get_gpt_layer_with_transformer_engine_spec"}, 2),
-    "0.15.3": ("needs-patch", {"get_gpt_layer_with_transformer_engine_spec"}, 2),
-    "0.16.1": ("needs-patch", {"get_gpt_layer_with_transformer_engine_spec", "get_gpt_layer_with_inference_spec"}, 4),
-    # newest: builders renamed to *_submodules, plus an optional fused q/kv down projection
-    "0.19.2": (
-        "needs-patch",
-        {"get_gpt_layer_with_transformer_engine_submodules", "get_gpt_layer_with_inference_submodules"},
-        4,
-    ),
+FILES = {
+    "seed-edit": "megatron/core/models/gpt/gpt_layer_specs.py",
+    "export-flag": "megatron/core/extensions/transformer_engine.py",
+    "rope-gradient": "megatron/core/transformer/multi_latent_attention.py",
 }
+NATIVE_COLUMN = {"seed-edit": "not-needed", "export-flag": "not-needed", "rope-gradient": "needed"}
+DUPLICATED = {"seed-edit": "on-request", "export-flag": "needed", "rope-gradient": "not-needed"}
+UPSTREAM_FLAG = {"seed-edit": "on-request", "export-flag": "upstream", "rope-gradient": "not-needed"}
+
+# version -> (state of each patch before apply, patches applied by default, by --seed-edit)
+RELEASES = {
+    "0.12.3": (NATIVE_COLUMN, {"rope-gradient"}, {"rope-gradient"}),
+    "0.13.1": (NATIVE_COLUMN, {"rope-gradient"}, {"rope-gradient"}),
+    "0.14.0": (DUPLICATED, {"export-flag"}, {"export-flag", "seed-edit", "rope-gradient"}),
+    "0.15.3": (DUPLICATED, {"export-flag"}, {"export-flag", "seed-edit", "rope-gradient"}),
+    "0.16.1": (DUPLICATED, {"export-flag"}, {"export-flag", "seed-edit", "rope-gradient"}),
+    "0.17.1": (UPSTREAM_FLAG, set(), {"seed-edit", "rope-gradient"}),
+    "0.18.2": (UPSTREAM_FLAG, set(), {"seed-edit", "rope-gradient"}),
+    "0.19.2": (UPSTREAM_FLAG, set(), {"seed-edit", "rope-gradient"}),
+}
+# seed-edit: the duplicated builder calls rewritten per release (TE spec, plus the inference spec from 0.16)
+SEED_SITES = {"0.14.0": 2, "0.15.3": 2, "0.16.1": 4, "0.17.1": 4, "0.18.2": 4, "0.19.2": 4}
 
 
-def changed_lines(before: str, after: str) -> list[str]:
-    return [
+def added_and_removed(before: str, after: str) -> tuple[list[str], list[str]]:
+    lines = [
         line
         for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="", n=0)
         if line[:1] in "+-" and not line.startswith(("+++", "---"))
     ]
+    return [line[1:] for line in lines if line[0] == "+"], [line[1:] for line in lines if line[0] == "-"]
 
 
-@pytest.mark.parametrize("version", sorted(RELEASES))
-def test_release(version, mcore_release, capsys):
-    site = mcore_release(version)
-    state, functions, count = RELEASES[version]
-    spec = site / "megatron/core/models/gpt/gpt_layer_specs.py"
-    original = spec.read_bytes()
+def status_json(site, capsys) -> tuple[int, dict]:
+    code = main(["status", "--json", str(site)])
+    return code, json.loads(capsys.readouterr().out)
 
-    assert main(["status", "--json", str(site)]) == (1 if state == "needs-patch" else 0)
-    status = json.loads(capsys.readouterr().out)
-    assert status["version"] == version
-    assert status["state"] == state
-    needing = [s for s in status["sites"] if s["state"] == "needs-patch"]
-    assert len(needing) == count
-    assert {s["function"] for s in needing} == functions
-    assert all(s["expression"] == "backend.linear()" for s in needing)
 
-    assert main(["apply", str(site)]) == 0
-    after = spec.read_text()
-    if state == "not-needed":
-        assert spec.read_bytes() == original
-        assert not (spec.parent / "gpt_layer_specs.py.orig").exists()
+def check_change(name: str, before: str, after: str, version: str) -> None:
+    """Exactly the statements each codemod adds, nothing else, and the result still compiles."""
+    added, removed = added_and_removed(before, after)
+    compile(after, FILES[name], "exec")
+    if name == "seed-edit":
+        assert len(removed) == SEED_SITES[version] and all("down_proj=backend.linear()" in line for line in removed)
+        assert sorted(line.replace("column_parallel_linear", "linear") for line in added) == sorted(removed)
         return
-    changes = changed_lines(original.decode(), after)
-    assert len(changes) == 2 * count
-    assert all("down_proj=backend." in line for line in changes)
-    assert sorted(line[1:].replace("column_parallel_linear", "linear") for line in changes if line[0] == "+") == sorted(
-        line[1:] for line in changes if line[0] == "-"
-    )
-    assert resolve(site).detect().state == "applied"
+    assert removed == []
+    code = [line.strip() for line in added if not line.strip().startswith("#")]
+    if name == "export-flag":
+        assert code in (['setattr(param, "tensor_model_parallel", False)'], ["setattr(param, 'tensor_model_parallel', False)"])
+        return
+    assert code == ["copy_to_tensor_model_parallel_region,", "k_pos_emb = copy_to_tensor_model_parallel_region(k_pos_emb)"]
+    # the new statement sits right after the split of the gathered kv_combined
+    lines = after.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.strip() == code[1])
+    split_end = max(i for i in range(index) if "kv_combined, [self.config.kv_lora_rank" in lines[i])
+    assert lines[split_end + 1].strip() == ")" and all(line.strip().startswith("#") for line in lines[split_end + 2 : index])
+    assert "gather_from_tensor_model_parallel_region(kv_combined)" in "\n".join(lines[split_end - 6 : split_end])
+
+
+@pytest.mark.parametrize("seed_edit", [False, True], ids=["default", "seed-edit"])
+@pytest.mark.parametrize("version", sorted(RELEASES))
+def test_release(version, seed_edit, mcore_release, capsys):
+    site = mcore_release(version)
+    states, default, with_seed = RELEASES[version]
+    expected = with_seed if seed_edit else default
+    originals = {name: (site / path).read_bytes() for name, path in FILES.items()}
+
+    code, status = status_json(site, capsys)
+    assert status["version"] == version
+    assert {p["name"]: p["state"] for p in status["patches"]} == states
+    assert code == (1 if "needed" in states.values() else 0)
+
+    flags = ["--seed-edit"] if seed_edit else []
+    assert main(["apply", "--dry-run", *flags, str(site)]) == 0
+    diff = capsys.readouterr().out
+    assert {name for name, path in FILES.items() if f"+++ b/{site / path}" in diff} == expected
+    assert {name: (site / path).read_bytes() for name, path in FILES.items()} == originals
+
+    assert main(["apply", *flags, str(site)]) == 0
+    capsys.readouterr()
+    changed = {name for name, path in FILES.items() if (site / path).read_bytes() != originals[name]}
+    assert changed == expected
+    for name in changed:
+        check_change(name, originals[name].decode(), (site / FILES[name]).read_text(), version)
+        assert (site / (FILES[name] + ".orig")).read_bytes() == originals[name]
+    code, after = status_json(site, capsys)
+    assert code == 0 and after["state"] == ("applied" if expected else "not-needed")
+    assert all(p["state"] == "applied" for p in after["patches"] if p["name"] in expected)
+    patched = {name: (site / path).read_bytes() for name, path in FILES.items()}
+    assert main(["apply", *flags, str(site)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {name: (site / path).read_bytes() for name, path in FILES.items()} == patched
 
     assert main(["revert", str(site)]) == 0
-    assert spec.read_bytes() == original
+    assert {name: (site / path).read_bytes() for name, path in FILES.items()} == originals
+    assert not list(site.rglob("*.orig"))
+
+
+def test_seed_edit_alone_is_reported_harmful_and_default_apply_adds_the_rope_fix(mcore_release, capsys):
+    """A tree carrying only the how-to's edit (made by hand or by an older patcher) needs the rope fix."""
+    site = mcore_release("0.16.1")
+    spec = site / FILES["seed-edit"]
+    shutil.copy2(spec, spec.with_name(spec.name + ".orig"))
+    spec.write_text(spec.read_text().replace("down_proj=backend.linear()", "down_proj=backend.column_parallel_linear()"))
+    code, status = status_json(site, capsys)
+    states = {p["name"]: p for p in status["patches"]}
+    assert code == 1 and states["seed-edit"]["state"] == "applied"
+    assert states["rope-gradient"]["state"] == "needed" and "column-parallel" in states["rope-gradient"]["message"]
+    assert states["export-flag"]["state"] == "needed"  # judged on the release as shipped (the .orig)
+    assert main(["apply", str(site)]) == 0
+    capsys.readouterr()
+    code, status = status_json(site, capsys)
+    assert code == 0 and {p["state"] for p in status["patches"]} == {"applied"}
 
 
 def test_newest_release_fused_site_is_recognised(mcore_release, capsys):
     site = mcore_release("0.19.2")
-    assert main(["status", "--json", str(site)]) == 1
-    sites = json.loads(capsys.readouterr().out)["sites"]
-    fused = [s for s in sites if s["argument"] == "linear_qkv_down_proj"]
+    code, status = status_json(site, capsys)
+    assert code == 0
+    fused = [s for s in status["sites"] if s["argument"] == "linear_qkv_down_proj"]
     assert len(fused) == 1
     assert fused[0]["state"] == "fused-column-parallel"
     assert fused[0]["function"] == "get_gpt_layer_with_transformer_engine_submodules"
+    rope = next(p for p in status["patches"] if p["name"] == "rope-gradient")
+    assert "--rope-fix" in rope["message"]
+    assert main(["apply", "--rope-fix", str(site)]) == 0
+    capsys.readouterr()
+    _, status = status_json(site, capsys)
+    assert {p["name"]: p["state"] for p in status["patches"]}["rope-gradient"] == "applied"
+
+
+@pytest.mark.parametrize(
+    "name, edit, message",
+    [
+        ("rope-gradient", ("kv_compressed, k_pos_emb = torch.split(", "kv_compressed, k_pos_emb = my_split("), "torch.split"),
+        ("rope-gradient", ("                kv_compressed = scatter_to_sequence_parallel_region(kv_compressed)\n", "                kv_compressed = scatter_to_sequence_parallel_region(kv_compressed)\n            k_pos_emb = k_pos_emb * 2\n"), "does not know"),
+        ("export-flag", ('setattr(param, "sequence_parallel", self.config.sequence_parallel)', "pass"), "sequence_parallel"),
+        ("export-flag", ("class TELinear(", "class TELinearRenamed("), "no class TELinear"),
+    ],
+)
+def test_unknown_structures_are_refused_with_file_and_line(mcore_release, capsys, name, edit, message):
+    site = mcore_release("0.16.1")
+    path = site / FILES[name]
+    text = path.read_text()
+    assert text.count(edit[0]) >= 1
+    path.write_text(text.replace(edit[0], edit[1], 1))
+    before = {p: (site / p).read_bytes() for p in FILES.values()}
+    assert main(["apply", str(site)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err
+    assert {p: (site / p).read_bytes() for p in FILES.values()} == before
+    assert not list(site.rglob("*.orig"))

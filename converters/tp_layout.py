@@ -160,6 +160,13 @@ def align_mapping(mapping: MappingPlan, tp: int, etp: int) -> MappingPlan:
     return MappingPlan(tensors, mapping.objects, mapping.used_sources)
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
 class BoxReader:
     """Makes a chunk's data from its box of the source tensor (rows, and columns in aligned layouts).
 
@@ -178,11 +185,16 @@ class BoxReader:
         self.units_read = 0
 
     def _unit_rows(self, chunk: Chunk) -> tuple[int, int]:
-        rows = chunk.rows or (0, self.source.shape(chunk.source)[0])
+        shape = self.source.shape(chunk.source)
+        rows = chunk.rows or (0, shape[0])
         if not self.source.is_fp8(chunk.source):
             return rows
         block = self.source.block[0]
-        return rows[0] // block * block, min(self.source.shape(chunk.source)[0], -(-rows[1] // block) * block)
+        if rows[0] % block == 0 and (rows[1] % block == 0 or rows[1] == shape[0]):
+            return rows
+        if _numel(shape) * 2 <= UNIT_BYTES:  # small (e.g. kv_down_proj's 576 rows): dequantise once for all slices
+            return 0, shape[0]
+        return rows[0] // block * block, min(shape[0], -(-rows[1] // block) * block)
 
     def __call__(self, chunk: Chunk) -> torch.Tensor:
         unit_rows = self._unit_rows(chunk)

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -349,13 +350,13 @@ def requested_slices(sharded_state_dict) -> list[Request]:
             parts = list(nested_values(built)) if isinstance(built, dict) else list(built) if isinstance(built, list) else [built]
         for part in parts:
             if isinstance(part, ShardedTensor):
-                requests.append(Request(part.key, tuple(int(o) for o in part.global_offset), tuple(int(s) for s in part.local_shape)))
+                sizes = (1,) * part.prepend_axis_num + tuple(int(s) for s in part.local_shape)  # the expert axis
+                requests.append(Request(part.key, tuple(int(o) for o in part.global_offset), sizes))
     return requests
 
 
 def _measure_rank(rank: int, world: int, port: int, hf_dir: str, mcore_dir: str, tp: int, ep: int, spec: str, result: str) -> None:
     import json
-    from pathlib import Path
 
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.validation import StrictHandling
@@ -396,3 +397,29 @@ def measure_load(hf_dir, mcore_dir, tp: int = 1, ep: int = 1, spec: str = "te") 
     for record in records:
         record["requests"] = [Request(key, tuple(offsets), tuple(sizes)) for key, offsets, sizes in record["requests"]]
     return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Load a torch_dist checkpoint into a real Megatron-Core model on CPU "
+                                     "(gloo, tp*ep processes) and print the bytes each rank read.")
+    parser.add_argument("--hf", type=Path, required=True, help="HF dir (config.json) of the model")
+    parser.add_argument("--mcore", type=Path, required=True, help="the dist_checkpointing_path (.../release)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--spec", choices=["te", "local"], default="te")
+    args = parser.parse_args(argv)
+    for record in measure_load(args.hf, args.mcore, args.tp, args.ep, args.spec):
+        count = record["count"]
+        print(json.dumps({"rank": record["rank"], **count, "requests": len(record["requests"]),
+                          "stream_over_needed": round(count["stream_tensor_bytes"] / count["needed_bytes"], 4),
+                          "records_over_needed": round(count["record_bytes"] / count["needed_bytes"], 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -334,6 +334,54 @@ def checkpoint_tensor_bytes(metadata: Metadata) -> int:
                if isinstance(meta, TensorStorageMetadata))
 
 
+@dataclass
+class ClusterRead:
+    """What a whole cluster reads to load one checkpoint (every rank, no deduplication)."""
+
+    checkpoint_bytes: int
+    needed_bytes: int  # summed over ranks: the slices they keep
+    read_bytes: int  # summed over ranks: the stored records they read whole
+    per_rank: list[int]
+    per_node: list[int]
+    missing: list[str]
+
+    @property
+    def over_checkpoint(self) -> float:
+        return self.read_bytes / self.checkpoint_bytes
+
+    @property
+    def over_needed(self) -> float:
+        return self.read_bytes / self.needed_bytes
+
+
+def cluster_read(metadata: Metadata, mapping: MappingPlan, layout: ParallelLayout, gpus_per_node: int = 8,
+                 duplicated_down_proj: bool = False) -> ClusterRead:
+    """Every rank's read plan against `metadata`; ranks fill nodes in order (rank // gpus_per_node)."""
+    index = ChunkIndex(metadata)
+    per_rank, needed, missing = [], 0, set()
+    for rank in range(layout.world):
+        plan = index.plan(rank_requests(mapping, layout, rank, duplicated_down_proj))
+        per_rank.append(plan.record_bytes)
+        needed += plan.needed_bytes
+        missing.update(plan.missing)
+    nodes = -(-layout.world // gpus_per_node)
+    per_node = [sum(per_rank[n * gpus_per_node:(n + 1) * gpus_per_node]) for n in range(nodes)]
+    return ClusterRead(checkpoint_tensor_bytes(metadata), needed, sum(per_rank), per_rank, per_node, sorted(missing))
+
+
+def detect_alignment(metadata: Metadata) -> tuple[int, int]:
+    """(TP, ETP) the checkpoint's chunks are cut for, read off `linear_proj` and a routed expert's
+    `linear_fc2` (both split along their last dim); (1, 1) for a global layout."""
+    def slices(suffix: str, expert: bool) -> int:
+        key = next((k for k in metadata.state_dict_metadata if k.endswith(suffix)), None)
+        if key is None:
+            return 1
+        chunks = metadata.state_dict_metadata[key].chunks
+        return len({int(c.offsets[-1]) for c in chunks if not expert or int(c.offsets[0]) == 0})
+
+    return slices("self_attention.linear_proj.weight", False), slices("mlp.experts.experts.linear_fc2.weight", True)
+
+
 # ---- a real load on CPU (gloo), counted: what tests and `python -m converters.read_cost` run ----
 
 

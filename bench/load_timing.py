@@ -13,13 +13,15 @@ Engine optional):
    (TE spec when Transformer Engine imports, else the local spec with the TE names mapped on) and
    times megatron-core's `dist_checkpointing.load` as verl calls it, counting the bytes its reader
    pulls from the `.distcp` files (converters.read_cost.counting_reads);
-4. checks that both layouts load the same values (a float64 sum per parameter, per rank).
+4. checks that both layouts load the same values (a float64 sum per parameter, per rank) and that
+   each rank's slices of the embedding and of layer 0's `linear_proj` equal the HF tensors'.
 
 `_extra_state` objects the model asks for and the checkpoint lacks (TE norms, depending on the TE
 version) are left out of the request and counted in the output; they hold no weights.
 Output: a table, or with `--json` one JSON object: machine, versions, sizes, and per layout the load
 seconds of every round and each rank's bytes (read through its streams, as whole records, needed).
-Exit codes: 0 done and both layouts loaded the same values, 1 values differ, 2 cannot run here.
+Exit codes: 0 done and the values check out, 1 values differ, 2 cannot run here (no 2 GPUs, no
+megatron-core). `--cpu-check` rehearses the whole run on CPU (gloo, tiny model) without timing anything.
 Run from the repository root (`PYTHONPATH=.` if the toolkit is not installed); with packages in a
 separate directory: `PYTHONPATH=.:/tmp/site python -m bench.load_timing ...`.
 """
@@ -41,11 +43,13 @@ LAYOUTS = {"global": (), "aligned": ("--align-tp", "2")}
 TP = 2
 
 
-def model_config(layers: int, experts: int) -> dict:
-    from converters.fixtures import deepseek_v3_config
+def model_config(layers: int, experts: int, tiny: bool = False) -> dict:
+    from converters.fixtures import TINY_DEEPSEEK_V3, deepseek_v3_config
 
     config = deepseek_v3_config()
     config.pop("quantization_config")
+    if tiny:
+        config.update(TINY_DEEPSEEK_V3)
     config.update(num_hidden_layers=layers, first_k_dense_replace=1, n_routed_experts=experts, num_nextn_predict_layers=0,
                   n_group=min(config["n_group"], experts), topk_group=min(config["topk_group"], experts),
                   num_experts_per_tok=min(config["num_experts_per_tok"], experts))
@@ -150,7 +154,7 @@ def _without_missing_objects(sharded, present: set[str]) -> tuple[object, int]:
     return walk(sharded), dropped
 
 
-def build_model(config: dict, use_te: bool):
+def build_model(config: dict, use_te: bool, cpu: bool = False):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -160,9 +164,13 @@ def build_model(config: dict, use_te: bool):
     from converters.mcore_config import gpt_model_kwargs, mcore_config_kwargs
     from converters.mcore_shim import local_core_attention
 
+    kwargs = mcore_config_kwargs(config)
+    if cpu:  # the --cpu-check rehearsal: what converters.mcore_check runs (TP in eval mode, no sequence parallel)
+        kwargs.update(moe_token_dispatcher_type="allgather", params_dtype=torch.float32, use_cpu_initialization=True)
+    else:
+        kwargs.update(sequence_parallel=True, params_dtype=torch.bfloat16, bf16=True)
     transformer_config = MLATransformerConfig(
-        **mcore_config_kwargs(config), tensor_model_parallel_size=TP, sequence_parallel=True, params_dtype=torch.bfloat16,
-        bf16=True, attention_dropout=0.0, hidden_dropout=0.0, perform_initialization=False,
+        **kwargs, tensor_model_parallel_size=TP, attention_dropout=0.0, hidden_dropout=0.0, perform_initialization=False,
     )
     block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=use_te)
     if not use_te:
@@ -174,7 +182,7 @@ def build_model(config: dict, use_te: bool):
                     post_process=parallel_state.is_pipeline_last_stage(), **gpt_model_kwargs(config))
 
 
-def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, result: str) -> None:
+def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, result: str, cpu: bool) -> None:
     import dataclasses
 
     from megatron.core import dist_checkpointing, parallel_state
@@ -184,19 +192,21 @@ def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, r
 
     from converters.read_cost import counting_reads
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    torch.distributed.init_process_group("nccl", rank=rank, world_size=TP, device_id=torch.device("cuda", rank))
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
-    model_parallel_cuda_manual_seed(1234)
-    try:
-        import transformer_engine  # noqa: F401
+    if cpu:
+        from converters.mcore_shim import init_distributed, install_cpu_shim
 
-        use_te = True
-    except ImportError:
-        use_te = False
+        install_cpu_shim()
+        init_distributed(rank, TP, port, tp=TP)
+        use_te, device = False, "cpu"
+    else:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.cuda.set_device(rank)
+        torch.distributed.init_process_group("nccl", rank=rank, world_size=TP, device_id=torch.device("cuda", rank))
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)
+        model_parallel_cuda_manual_seed(1234)
+        use_te, device = _have_te(), "cuda"
     config = json.loads((Path(work) / "hf" / "config.json").read_text())
-    model = build_model(config, use_te)
+    model = build_model(config, use_te, cpu)
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     records, sums = [], {}
     for name in rounds:
@@ -213,16 +223,41 @@ def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, r
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         torch.distributed.barrier()
-        slowest = torch.tensor([seconds], device="cuda")
+        slowest = torch.tensor([seconds], device=device)
         torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
         model.load_state_dict({k: v for k, v in state.items() if k not in ("checkpoint_version", "iteration")}, strict=False)
         sums.setdefault(name, {k: float(p.double().sum()) for k, p in model.state_dict().items() if torch.is_tensor(p) and p.is_floating_point()})
         records.append({"layout": name, "seconds": seconds, "slowest_rank_seconds": slowest.item(), "objects_left_out": dropped,
-                        **dataclasses.asdict(count)})
+                        "matches_source": _matches_source(model, Path(work) / "hf", rank), **dataclasses.asdict(count)})
         del state
     Path(f"{result}.{rank}").write_text(json.dumps({"rank": rank, "te": use_te, "records": records, "sums": sums}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def _matches_source(model, hf: Path, rank: int) -> bool:
+    """This rank's slice of a vocab-parallel and of a row-parallel weight equals the HF tensor's."""
+    from converters.hf_source import HFCheckpoint
+
+    source = HFCheckpoint(hf)
+    state = model.state_dict()
+    checks = (("embedding.word_embeddings.weight", "model.embed_tokens.weight", 0),
+              ("decoder.layers.0.self_attention.linear_proj.weight", "model.layers.0.self_attn.o_proj.weight", 1))
+    for key, name, axis in checks:
+        whole = source.read(name).float()
+        width = whole.shape[axis] // TP
+        expected = whole.narrow(axis, rank * width, width)
+        if not torch.equal(state[key].detach().float().cpu(), expected):
+            return False
+    return True
+
+
+def _have_te() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _free_port() -> int:
@@ -250,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per layout (default 3)")
     parser.add_argument("--warm", action="store_true", help="keep the page cache between loads")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--cpu-check", action="store_true",
+                        help="rehearse the whole run on CPU (gloo, tiny model) to check this script, not to time anything")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.device_count() < TP:
+    if not args.cpu_check and (not torch.cuda.is_available() or torch.cuda.device_count() < TP):
         print(f"load_timing: needs {TP} CUDA GPUs, found {torch.cuda.device_count() if torch.cuda.is_available() else 0}", file=sys.stderr)
         return 2
     try:
@@ -260,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print("load_timing: megatron-core is not importable (add its directory to PYTHONPATH)", file=sys.stderr)
         return 2
     work = args.work
-    config = model_config(args.layers, args.experts)
+    config = model_config(args.layers, args.experts, tiny=args.cpu_check)
     hf = work / "hf"
     marker = work / "hf.json"
     wanted = json.dumps(config, sort_keys=True)
@@ -273,12 +310,13 @@ def main(argv: list[str] | None = None) -> int:
     rounds = [name for _ in range(args.repeats) for name in LAYOUTS]
     with tempfile.TemporaryDirectory() as scratch:
         result = os.path.join(scratch, "rank")
-        torch.multiprocessing.start_processes(_rank_main, args=(_free_port(), str(work), rounds, args.warm, result),
+        torch.multiprocessing.start_processes(_rank_main, args=(_free_port(), str(work), rounds, args.warm, result, args.cpu_check),
                                               nprocs=TP, start_method="spawn", join=True)
         ranks = [json.loads(Path(f"{result}.{rank}").read_text()) for rank in range(TP)]
     same = all(rank["sums"]["global"] == rank["sums"]["aligned"] for rank in ranks)
+    same = same and all(record["matches_source"] for rank in ranks for record in rank["records"])
     report = {
-        "machine": torch.cuda.get_device_name(0), "gpus": TP, "versions": _versions(), "spec": "te" if ranks[0]["te"] else "local",
+        "machine": "cpu (--cpu-check)" if args.cpu_check else torch.cuda.get_device_name(0), "gpus": 0 if args.cpu_check else TP, "versions": _versions(), "spec": "te" if ranks[0]["te"] else "local",
         "model": {"layers": args.layers, "experts": args.experts, "hf_bytes": hf_bytes}, "cache": "warm" if args.warm else "dropped (fadvise)",
         "conversion_seconds": conversions, "same_values": same, "layouts": {},
     }

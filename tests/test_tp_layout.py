@@ -139,3 +139,42 @@ def test_tp2_aligned_checkpoint_loads_and_matches_hf(models, layout):
 def test_tp1_layout_loads_at_tp2(models, tmp_path):
     tp1 = to_mcore(models["fp8"], tmp_path / "tp1", "--align-tp", "1")
     assert compare(models["bf16"], tp1, spec="te", tp=2) <= ATOL
+
+
+def _save_at_tp2(rank: int, port: int, hf_dir: str, mcore_dir: str, out: str) -> None:
+    """Load our checkpoint into a real TP2 model and save it with megatron-core's own writer, as verl does."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from converters.mcore_check import build_model
+    from converters.mcore_shim import init_distributed, install_cpu_shim
+
+    install_cpu_shim()
+    init_distributed(rank, 2, port, tp=2)
+    model = build_model(json.loads((Path(hf_dir) / "config.json").read_text()), 2, 1, 1, "te")
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    state = dist_checkpointing.load(model.sharded_state_dict(metadata=metadata), mcore_dir, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    model.load_state_dict({k: v for k, v in state.items() if k not in ("checkpoint_version", "iteration")}, strict=False)
+    Path(out).mkdir(exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(metadata=metadata), out)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_megatron_saved_tp2_checkpoint_exports_to_hf(models, tmp_path):
+    """A checkpoint written by megatron-core's own save at TP2 (chunks = the ranks' slices, float32 as the
+    model holds them) exports to the same values."""
+    from converters.mcore_check import _free_port
+    from converters.read_cost import detect_alignment
+
+    saved = tmp_path / "saved"
+    torch.multiprocessing.start_processes(_save_at_tp2, args=(_free_port(), str(models["bf16"]), str(models["tp2"]), str(saved)),
+                                          nprocs=2, start_method="spawn", join=True)
+    assert detect_alignment(FileSystemReader(str(saved)).read_metadata()) == (2, 2)
+    back = tmp_path / "back"
+    result = convert("mcore-hf", "--src", str(saved), "--hf-config", str(models["bf16"]), "--dst", str(back))
+    assert result.returncode == 0, result.stderr
+    original, exported = load_checkpoint(models["bf16"]), load_checkpoint(back)
+    assert set(original) == set(exported)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor.to(exported[name].dtype)), name

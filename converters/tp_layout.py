@@ -230,7 +230,8 @@ class BoxReader:
             try:
                 # not from the pool: an evicted unit may still be sliced by another thread
                 future.set_result(self.source.read(name, rows))
-                self.units_read += 1
+                with self.lock:
+                    self.units_read += 1
             except BaseException as exc:
                 future.set_exception(exc)
                 with self.lock:

@@ -1,11 +1,12 @@
 """Benchmarks of `convert hf-mcore`.
 
-    python -m bench.mcore_e2e widths --work DIR [--experts 64] [--configs cpu:1 cuda:2]  # DeepSeek-V3 widths, FP8 source
+    python -m bench.mcore_e2e widths --work DIR [--experts 64] [--configs cpu:1 cuda:2 cpu:1:4/4]  # DeepSeek-V3 widths, FP8 source
     python -m bench.mcore_e2e versus --work DIR                  # vs build-model-load-all-then-save
 
 `widths`: a generated FP8 checkpoint at real DeepSeek-V3 widths (hidden 7168, vocab 129280, a
 dense layer of 18432, a MoE layer of experts of 2048, MLA dims as released): conversion time
-against the I/O floor (read the source, write the output's bytes) and peak RSS.
+against the I/O floor (read the source, write the output's bytes) and peak RSS. A config
+DEVICE:READERS:TP/ETP converts with `--align-tp TP --align-etp ETP` (the layout for a training plan).
 `versus`: on a small model, ours against the approach of verl's converter (build the Megatron
 model, hold every HF tensor, then `dist_checkpointing.save`): time and peak RSS ratios.
 """
@@ -134,14 +135,15 @@ def widths(work: Path, experts: int, repeats: int = 1, configs: tuple[str, ...] 
     floors = []
     for repeat in range(repeats):
         for config in configs:
-            device, readers = config.split(":")
+            device, readers, *align = config.split(":")
+            layout = ["--align-tp", align[0].split("/")[0], "--align-etp", align[0].split("/")[1]] if align else []
             shutil.rmtree(dst, ignore_errors=True)
             os.sync()
             runs[config].append(timed([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(src), "--dst", str(dst),
-                                       "--device", device, "--readers", readers, "--workers", str(workers), "--quiet", "--json"]))
+                                       "--device", device, "--readers", readers, "--workers", str(workers), "--quiet", "--json", *layout]))
             out_bytes = sum(p.stat().st_size for p in (dst / "release").glob("*.distcp"))
-            if repeat == 0:  # every config must write the same files (GPU and CPU dequant included)
-                digests[config] = _digest(sorted((dst / "release").glob("*.distcp")))
+            if repeat == 0:  # configs of one layout must write the same files (GPU and CPU dequant included)
+                digests[config] = (tuple(align), _digest(sorted((dst / "release").glob("*.distcp"))))
         shutil.rmtree(dst, ignore_errors=True)
         os.sync()
         floors.append(io_floor(src, out_bytes, work / "floor.bin"))
@@ -152,7 +154,7 @@ def widths(work: Path, experts: int, repeats: int = 1, configs: tuple[str, ...] 
         results[config] = {"best": best, "vs_floor": round(best["seconds"] / floor["floor_s"], 2), "all_s": [r["seconds"] for r in timings],
                            "conversion_vs_floor": round(best["conversion_s"] / floor["floor_s"], 2)}
     return {"experts": experts, "values": values, "workers": workers, "cores": os.cpu_count(), "source_gb": round(source_bytes / 1e9, 2),
-            "output_gb": round(out_bytes / 1e9, 2), "outputs_identical": len(set(digests.values())) == 1, "floor": floor, "all_floors_s": [f["floor_s"] for f in floors], "runs": results}
+            "output_gb": round(out_bytes / 1e9, 2), "outputs_identical": len(set(digests.values())) == len({layout for layout, _ in digests.values()}), "floor": floor, "all_floors_s": [f["floor_s"] for f in floors], "runs": results}
 
 
 LOAD_ALL_SCRIPT = """

@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: 1 with --device cuda, else a quarter of the CPU cores, at most 4)")
     mcore.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="write part I of N of the bins")
     mcore.add_argument("--bin-mb", type=_positive, default=512, help="size of each .distcp file, bounds memory (default 512)")
+    layout = mcore.add_argument_group(
+        "layout for a training plan",
+        "Cut every tensor into the slices a Megatron rank asks for at load, so that each rank reads only its own "
+        "bytes (torch DCP reads every overlapping stored chunk whole). The result still loads at any TP/PP/EP.",
+    )
+    layout.add_argument("--align-tp", type=_positive, default=None, metavar="N", help="the training TP (as `launch plan` prints it)")
+    layout.add_argument("--align-etp", type=_positive, default=None, metavar="M",
+                        help="the training expert TP (default: --align-tp, Megatron's default)")
+    layout.add_argument("--recipe", default=None, help="take TP/ETP from a `launch plan` recipe (pai-16x8, verl-h20-16, ...)")
     _output_flags(mcore)
     export = commands.add_parser(
         "mcore-hf",
@@ -191,10 +200,28 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
     return 0 if summary.finalized else 1
 
 
+def _alignment(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """(TP, ETP) from --align-tp/--align-etp or --recipe; raises ValueError for people."""
+    if args.recipe is None:
+        return args.align_tp, args.align_etp
+    if args.align_tp is not None or args.align_etp is not None:
+        raise ValueError("give either --recipe or --align-tp/--align-etp, not both")
+    from launch.plan import RECIPES
+
+    if args.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[args.recipe].tp, RECIPES[args.recipe].etp
+
+
 def run_hf_mcore(args: argparse.Namespace) -> int:
     from converters.hf_mcore import McoreOptions, plan_conversion, run_conversion
     from converters.safety import ConvertError
 
+    try:
+        align_tp, align_etp = _alignment(args)
+    except ValueError as exc:
+        print(f"convert hf-mcore: error: {exc}", file=sys.stderr)
+        return 2
     options = McoreOptions(
         spec=args.spec,
         drop_mtp=args.drop_mtp,
@@ -205,6 +232,8 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
         shard_count=args.shard[1],
         overwrite=args.overwrite,
         bin_bytes=args.bin_mb * 1024 * 1024,
+        align_tp=align_tp,
+        align_etp=align_etp,
     )
     try:
         plan = plan_conversion(args.src, args.dst, options)
@@ -220,6 +249,7 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
         print(
             f"{summary.bins_written} bin(s) written, {summary.bins_skipped} already there; {summary.tensors} tensors, "
             f"{summary.objects} extra-state objects, {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s"
+            + ("" if summary.layout == "global" else f"; chunks {summary.layout}")
         )
         if summary.finalized:
             print(f"dist_checkpointing_path: {summary.dist_checkpointing_path}")

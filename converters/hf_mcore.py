@@ -36,6 +36,7 @@ from converters.hf_source import HFCheckpoint, SourceError
 from converters.mcore_config import ConfigError, mcore_config_kwargs
 from converters.mcore_mapping import Chunk, MappingError, check_shapes, plan_mapping
 from converters.safety import ConvertError, check_free_space, check_paths, resolve_device
+from converters.tp_layout import BoxReader, LayoutError, align_mapping
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,16 @@ class McoreOptions:
     overwrite: bool = False
     bin_bytes: int = BIN_BYTES
     readers: int | None = None  # threads making chunks ahead of the writer, per worker; None: default_readers
+    align_tp: int | None = None  # chunks cut at the TP slices a rank asks for (None: every tensor at its global chunks)
+    align_etp: int | None = None  # the same for routed experts (None with align_tp: ETP = TP, Megatron's default)
+
+    @property
+    def alignment(self) -> tuple[int, int] | None:
+        """(TP, ETP) the chunks are cut for, or None for the global layout."""
+        if self.align_tp is None and self.align_etp is None:
+            return None
+        tp = self.align_tp or 1
+        return tp, self.align_etp or tp
 
 
 @dataclass
@@ -80,6 +91,7 @@ class McoreSummary:
     notes: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)  # one process only (no --workers)
     readers: int = 0  # reader threads per process
+    layout: str = "global"  # or "aligned TP<n> ETP<m>"
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -97,7 +109,9 @@ def plan_conversion(src: Path, dst: Path, options: McoreOptions) -> McorePlan:
         if problems:
             raise ConvertError(f"{src}: shapes disagree with config.json:\n  " + "\n  ".join(problems))
         mapping = plan_mapping(source.config, shapes, options.spec, options.drop_mtp)
-    except (SourceError, ConfigError, MappingError, KeyError) as exc:
+        if options.alignment is not None:
+            mapping = align_mapping(mapping, *options.alignment)
+    except (SourceError, ConfigError, MappingError, LayoutError, KeyError) as exc:
         raise ConvertError(f"{src}: {exc}") from exc
     unmapped = sorted(
         name
@@ -110,17 +124,17 @@ def plan_conversion(src: Path, dst: Path, options: McoreOptions) -> McorePlan:
             f"{src}: {len(unmapped)} tensor(s) have no Megatron-Core name (not a DeepSeek-V3-class layout?): {shown}"
         )
     pieces, metadata = plan_pieces(mapping, source.output_dtype)
-    identity = json.dumps(
-        {
-            "tool": "convert hf-mcore",
-            "source": str(src.resolve()),
-            "spec": options.spec,
-            "drop_mtp": options.drop_mtp,
-            "bin_bytes": options.bin_bytes,
-            "shards": {n: [h.file_size, (src / n).stat().st_mtime_ns] for n, h in source.headers.items()},
-        },
-        sort_keys=True,
-    )
+    facts = {
+        "tool": "convert hf-mcore",
+        "source": str(src.resolve()),
+        "spec": options.spec,
+        "drop_mtp": options.drop_mtp,
+        "bin_bytes": options.bin_bytes,
+        "shards": {n: [h.file_size, (src / n).stat().st_mtime_ns] for n, h in source.headers.items()},
+    }
+    if options.alignment is not None:  # only then: the global layout's identity (and files) stay as they were
+        facts["align_tp_etp"] = list(options.alignment)
+    identity = json.dumps(facts, sort_keys=True)
     return McorePlan(src, dst, options, make_bins(pieces, options.bin_bytes), metadata, identity, len(mapping.tensors), len(mapping.objects))
 
 
@@ -129,11 +143,8 @@ def _is_mtp(name: str, config: dict) -> bool:
     return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= config["num_hidden_layers"]
 
 
-def _chunk_reader(source: HFCheckpoint, buffers: BufferPool | None = None):
-    def make_chunk(chunk: Chunk) -> torch.Tensor:
-        return source.read(chunk.source, chunk.rows, buffers)
-
-    return make_chunk
+def _chunk_reader(source: HFCheckpoint, buffers: BufferPool | None = None) -> Callable[[Chunk], torch.Tensor]:
+    return BoxReader(source, buffers)
 
 
 def default_readers(device: str, workers: int = 1) -> int:
@@ -169,6 +180,8 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
     start = time.perf_counter()
     release = plan.dst / RELEASE_DIR
     summary = McoreSummary(dst=str(plan.dst), dist_checkpointing_path=str(release), tensors=plan.tensors, objects=plan.objects)
+    if plan.options.alignment is not None:
+        summary.layout = "aligned TP{} ETP{}".format(*plan.options.alignment)
     if is_complete(plan.dst, plan.identity):
         summary.bins_skipped = len(plan.my_bins())
         summary.finalized = True

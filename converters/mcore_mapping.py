@@ -93,12 +93,13 @@ class MappingError(ValueError):
 
 @dataclass(frozen=True)
 class Chunk:
-    """One stored piece of an mcore tensor, made from one HF tensor (optionally a row range of it)."""
+    """One stored piece of an mcore tensor, made from one HF tensor (optionally a row and a column range of it)."""
 
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     source: str
     rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None  # only in layouts aligned to tensor parallelism (converters/tp_layout.py)
 
 
 @dataclass

@@ -273,6 +273,8 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"  rollout:  vLLM TP={plan.rollout_tp}, {plan.vllm_engines} engines, gpu_memory_utilization {plan.gpu_memory_utilization}")
     print(f"  offload:  param={plan.param_offload} grad={plan.grad_offload} optimizer={plan.optimizer_offload}"
           + (f" (fraction {plan.optimizer_offload_fraction})" if plan.optimizer_offload_fraction else ""))
+    print(f"  checkpoint layout: convert hf-mcore ... --align-tp {plan.tp} --align-etp {plan.etp}"
+          + (f" (or --recipe {plan.recipe})" if plan.recipe else "") + ": each rank then reads only its own slices")
     print("  memory per GPU (GB): " + ", ".join(f"{k} {v}" for k, v in memory.items() if isinstance(v, float)))
     for line in memory["reasoning"]:
         print(f"    - {line}")

@@ -110,6 +110,46 @@ def _check_checkpoint(preflight: Preflight, ckpt: Path, config: dict) -> None:
     preflight.add("dist checkpoint", ok, f"{release}: {len(layers)} layers, {experts} experts" + ("" if ok else f"; the model has {expected[0]} layers, {expected[1]} experts"))
 
 
+def _check_read_volume(preflight: Preflight, ckpt: Path, config: dict, plan: Plan) -> None:
+    """The checkpoint's chunk layout against the plan, and what loading it reads (per node, cluster-wide).
+
+    Informational: a global layout loads correctly, only slower (each TP/ETP rank reads whole tensors)."""
+    release = ckpt / "release" if (ckpt / "release" / ".metadata").is_file() else ckpt
+    if not (release / ".metadata").is_file():
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from converters.mcore_hf import detect_spec, hf_tensor_shapes
+    from converters.mcore_mapping import plan_mapping
+    from converters.read_cost import ParallelLayout, cluster_read, detect_alignment
+    from converters.safety import ConvertError
+
+    metadata = FileSystemReader(str(release)).read_metadata()
+    tp, etp = detect_alignment(metadata)
+    wanted = f"--align-tp {plan.tp} --align-etp {plan.etp}"
+    if (tp, etp) == (plan.tp, plan.etp):
+        layout = f"chunks aligned to TP{tp} ETP{etp}, the plan's: each rank reads only its own slices"
+    elif (tp, etp) == (1, 1):
+        layout = f"global layout (whole tensors): each TP/ETP rank reads whole chunks; `convert hf-mcore ... {wanted}` writes the plan's layout"
+    else:
+        layout = f"chunks aligned to TP{tp} ETP{etp}, the plan has TP{plan.tp} ETP{plan.etp}; `convert hf-mcore ... {wanted}` writes the plan's layout"
+    try:
+        keys = set(metadata.state_dict_metadata)
+        mtp_layers = len({k.split(".")[2] for k in keys if k.startswith("mtp.layers.")})
+        mapping = plan_mapping(config, hf_tensor_shapes(config, mtp_layers), detect_spec(keys), drop_mtp=mtp_layers == 0)
+        layout_sizes = ParallelLayout(plan.world, plan.tp, plan.pp, plan.ep, plan.etp, plan.cp, plan.first_stage_layers, plan.last_stage_layers)
+        read = cluster_read(metadata, mapping, layout_sizes, plan.gpus_per_node)
+    except (ConvertError, KeyError, ValueError) as exc:
+        preflight.add("checkpoint read volume", True, f"{layout}; read volume not estimated ({exc})")
+        return
+    preflight.add(
+        "checkpoint read volume", True,
+        f"{layout}. Each load (actor, then ref) reads {read.read_bytes / 1e12:.2f} TB cluster-wide "
+        f"({read.over_checkpoint:.2f}x the checkpoint's {read.checkpoint_bytes / 1e12:.2f} TB, {read.over_needed:.2f}x what the ranks keep), "
+        f"up to {max(read.per_node) / 1e9:.1f} GB per node",
+    )
+
+
 def _check_data(preflight: Preflight, data: Path) -> None:
     import pyarrow.parquet as pq
 
@@ -147,6 +187,7 @@ def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path,
     _check_model(preflight, model)
     check_megatron(preflight, plan, verl_config)
     _check_checkpoint(preflight, mcore_ckpt, config)
+    _check_read_volume(preflight, mcore_ckpt, config, plan)
     _check_data(preflight, data)
     cluster = cluster_from_env(environ, nodes=plan.nodes)
     return {

@@ -168,3 +168,33 @@ def test_preflight_fails_on_the_column_edit_under_a_rank0_exporter(tmp_path):
     check = megatron_check(megatron_copy(tmp_path, "--seed-edit"), VANILLA)
     assert not check.ok and "rank 0's copy" in check.message
     assert megatron_check(megatron_copy(tmp_path / "b", "--seed-edit"), BRIDGE).ok
+
+
+def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
+    from converters.fixtures import make_fp8_checkpoint
+    from launch.grpo import Preflight, _check_read_volume
+    from launch.plan import Plan
+
+    source = tmp_path / "fp8"
+    config = make_fp8_checkpoint(source, shards=2)
+    plan = Plan(1, 4, 80, tp=2, pp=1, ep=2, etp=2)
+    messages = {}
+    for name, extra in (("global", []), ("aligned", ["--align-tp", "2"]), ("other", ["--align-tp", "4", "--align-etp", "1"])):
+        result = subprocess.run([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(source), "--dst", str(tmp_path / name),
+                                 "--quiet", *extra], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        preflight = Preflight()
+        _check_read_volume(preflight, tmp_path / name, config, plan)
+        (check,) = preflight.checks
+        assert check.ok and check.name == "checkpoint read volume"
+        messages[name] = check.message
+    assert "global layout" in messages["global"] and "--align-tp 2 --align-etp 2" in messages["global"]
+    assert "aligned to TP2 ETP2, the plan's" in messages["aligned"]
+    assert "aligned to TP4 ETP1, the plan has TP2 ETP2" in messages["other"]
+
+    def multiple(message: str) -> float:
+        return float(message.split("x what the ranks keep")[0].rsplit(", ", 1)[1])
+
+    # the tiny model's records carry ~1 KB of zip framing each, hence the slack over 1.0
+    assert multiple(messages["aligned"]) < 1.15 < 1.5 < multiple(messages["global"])
+    assert "GB per node" in messages["aligned"]

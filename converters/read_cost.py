@@ -1,0 +1,473 @@
+"""What each rank reads when Megatron-Core loads a torch_dist checkpoint: measured, and planned from `.metadata`.
+
+torch DCP's `FileSystemReader.read_data` reads every stored chunk that overlaps a requested slice whole
+(once per request it overlaps), then narrows it in memory; megatron-core's default load (and verl's
+`load_mcore_dist_weights`) reads on every rank, with no deduplication across ranks. So the bytes a
+cluster reads depend on the chunk layout as much as on the model:
+
+- `CountingReader` / `counting_reads()`: a real load, with the bytes each rank pulls through its file
+  streams counted (tensors and `_extra_state` objects apart) next to the bytes it asked for.
+- `rank_requests()` + `read_plan()`: the same without loading anything. The slices each rank asks for
+  come from the mapping table and `converters.tp_layout.SHARDING` (tests check them against the real
+  model's `sharded_state_dict`), and the chunks they overlap from a checkpoint's `.metadata`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import io
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import LoadItemType
+
+from converters.mcore_mapping import MappingPlan
+from converters.tp_layout import REPLICATED, sharding_of
+
+
+@dataclass
+class ReadCount:
+    """Bytes one reader moved: through its file streams (`stream_*`), as whole stored records, as asked for."""
+
+    stream_tensor_bytes: int = 0
+    stream_object_bytes: int = 0
+    record_bytes: int = 0  # sum of the stored chunk records read (each read whole, once per request)
+    needed_bytes: int = 0  # the requested parts of those chunks: what the rank keeps
+
+    def add(self, other: ReadCount) -> None:
+        for name in ("stream_tensor_bytes", "stream_object_bytes", "record_bytes", "needed_bytes"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class _CountingStream(io.RawIOBase):
+    def __init__(self, stream, counter: list[int]) -> None:
+        super().__init__()
+        self.stream = stream
+        self.counter = counter
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def readinto(self, buffer) -> int:
+        count = self.stream.readinto(buffer)
+        self.counter[0] += count or 0
+        return count
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.counter[0] += len(data)
+        return data
+
+
+class _CountingFileSystem(FileSystem):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counter = [0]
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            yield _CountingStream(stream, self.counter) if "r" in mode else stream
+
+
+class CountingReader(FileSystemReader):
+    """torch's FileSystemReader, counting the bytes read from `.distcp` files for tensors and for objects."""
+
+    def __init__(self, path, cache_metadata: bool = True) -> None:
+        super().__init__(path)
+        self.fs = _CountingFileSystem()
+        self.count = ReadCount()
+        self._metadata: Metadata | None = None
+        self._cache_metadata = cache_metadata
+
+    def read_metadata(self) -> Metadata:  # megatron-core asks for it again after the load
+        if self._metadata is None or not self._cache_metadata:
+            self._metadata = super().read_metadata()
+        return self._metadata
+
+    def read_data(self, plan, planner):
+        metadata = self.read_metadata()
+        objects = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
+        tensors = [item for item in plan.items if item.type != LoadItemType.BYTE_IO]
+        for items, field_name in ((objects, "stream_object_bytes"), (tensors, "stream_tensor_bytes")):
+            before = self.fs.counter[0]
+            super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+            setattr(self.count, field_name, getattr(self.count, field_name) + self.fs.counter[0] - before)
+        for item in tensors:
+            itemsize = metadata.state_dict_metadata[item.storage_index.fqn].properties.dtype.itemsize
+            self.count.record_bytes += self.storage_data[item.storage_index].length
+            self.count.needed_bytes += _numel(item.lengths) * itemsize
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(None)
+        return done
+
+
+@contextmanager
+def counting_reads() -> Iterator[ReadCount]:
+    """Every torch_dist load megatron-core makes in this process reads through a CountingReader; the
+    yielded ReadCount sums them (filled in as the loads happen)."""
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+
+    total = ReadCount()
+    lock = threading.Lock()
+    original = mcore_torch._get_filesystem_reader
+
+    class _Reader(CountingReader):
+        def read_data(self, plan, planner):
+            before = dataclasses.replace(self.count)
+            result = super().read_data(plan, planner)
+            with lock:
+                total.add(ReadCount(*(getattr(self.count, f.name) - getattr(before, f.name) for f in dataclasses.fields(ReadCount))))
+            return result
+
+    mcore_torch._get_filesystem_reader = lambda checkpoint_dir, cache_metadata=False: _Reader(checkpoint_dir, cache_metadata)
+    try:
+        yield total
+    finally:
+        mcore_torch._get_filesystem_reader = original
+
+
+def _numel(sizes) -> int:
+    count = 1
+    for size in sizes:
+        count *= int(size)
+    return count
+
+
+# ---- the read plan: which stored chunks each rank's requests overlap, without loading anything ----
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Megatron's parallel sizes; ranks are numbered in its default order (TP fastest, PP slowest)."""
+
+    world: int
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None  # None: TP, Megatron's default
+    cp: int = 1
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.cp * self.pp)
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world // (self.expert_tp * self.ep * self.pp)
+
+    def coordinates(self, rank: int) -> dict[str, int]:
+        """tp, cp, dp, pp (dense decomposition 'tp-cp-dp-pp') and etp, ep, edp (experts, 'etp-ep-dp-pp')."""
+        per_stage = self.world // self.pp
+        pp, inner = divmod(rank, per_stage)
+        tp, rest = inner % self.tp, inner // self.tp
+        cp, dp = rest % self.cp, rest // self.cp
+        etp, rest = inner % self.expert_tp, inner // self.expert_tp
+        ep, edp = rest % self.ep, rest // self.ep
+        return {"tp": tp, "cp": cp, "dp": dp, "pp": pp, "etp": etp, "ep": ep, "edp": edp}
+
+
+def layer_stages(layers: int, layout: ParallelLayout) -> list[int]:
+    """The pipeline stage of every decoder layer (first/last stage sizes as given, the rest even)."""
+    first, last, pp = layout.first_stage_layers, layout.last_stage_layers, layout.pp
+    if pp == 1:
+        return [0] * layers
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = (layers - (first or 0) - (last or 0)) // max(middle_stages, 1)
+    sizes = [first if first is not None else middle] + [middle] * (pp - 2) + [last if last is not None else middle]
+    sizes[-1] = layers - sum(sizes[:-1])
+    return [stage for stage, size in enumerate(sizes) for _ in range(size)]
+
+
+@dataclass(frozen=True)
+class Request:
+    key: str
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def _stages_of(key: str, stages: list[int], pp: int, has_mtp: bool) -> set[int]:
+    if key.startswith("decoder.layers."):
+        return {stages[int(key.split(".")[2])]}
+    if key.startswith("embedding."):  # the MTP stage keeps a tied copy of the embedding
+        return {0, pp - 1} if has_mtp else {0}
+    return {pp - 1}  # output_layer, decoder.final_layernorm, mtp.*
+
+
+def rank_requests(mapping: MappingPlan, layout: ParallelLayout, rank: int, duplicated_down_proj: bool = False) -> list[Request]:
+    """Every tensor slice `rank` asks for at load (megatron-core 0.16.1, no singleton_local_shards).
+
+    `mapping` is the global plan (converters.mcore_mapping.plan_mapping); its chunk sources tell the
+    SwiGLU halves apart. `duplicated_down_proj`: the unpatched TE spec, whose MLA down projections are
+    whole on every rank (the local spec and the patched TE spec split them like column-parallel ones).
+    """
+    where = layout.coordinates(rank)
+    layers = 1 + max((int(t.key.split(".")[2]) for t in mapping.tensors if t.key.startswith("decoder.layers.")), default=-1)
+    stages = layer_stages(layers, layout)
+    has_mtp = any(t.key.startswith("mtp.") for t in mapping.tensors)
+    requests: list[Request] = []
+    for tensor in mapping.tensors:
+        if where["pp"] not in _stages_of(tensor.key, stages, layout.pp, has_mtp):
+            continue
+        sharding = sharding_of(tensor.key, len(tensor.shape))
+        if sharding.kind == REPLICATED or (duplicated_down_proj and "_down_proj." in tensor.key):
+            requests.append(Request(tensor.key, (0,) * len(tensor.shape), tensor.shape))
+            continue
+        parts, part = (layout.expert_tp, where["etp"]) if sharding.expert else (layout.tp, where["tp"])
+        axis = sharding.axis
+        if sharding.expert:
+            local = tensor.shape[0] // layout.ep
+            experts = range(where["ep"] * local, (where["ep"] + 1) * local)
+            template = [c for c in tensor.chunks if c.offsets[0] == 0]
+        else:
+            experts, template = [None], tensor.chunks
+        segments = _merge_same_source(template, axis)
+        for expert in experts:
+            for low, high in segments:
+                step = -(-(high - low) // parts)
+                start, stop = low + min(high - low, part * step), low + min(high - low, (part + 1) * step)
+                if start >= stop:
+                    continue
+                offsets, sizes = [0] * len(tensor.shape), list(tensor.shape)
+                offsets[axis], sizes[axis] = start, stop - start
+                if expert is not None:
+                    offsets[0], sizes[0] = expert, 1
+                requests.append(Request(tensor.key, tuple(offsets), tuple(sizes)))
+    return requests
+
+
+def _merge_same_source(chunks, axis: int) -> list[tuple[int, int]]:
+    """Extents along `axis` of each source (a SwiGLU half, or a whole tensor cut into row chunks)."""
+    extents: dict[str, tuple[int, int]] = {}
+    for chunk in chunks:
+        low, high = chunk.offsets[axis], chunk.offsets[axis] + chunk.sizes[axis]
+        if chunk.source in extents:
+            low, high = min(low, extents[chunk.source][0]), max(high, extents[chunk.source][1])
+        extents[chunk.source] = (low, high)
+    return sorted(set(extents.values()))
+
+
+@dataclass
+class _KeyIndex:
+    starts: list[int]
+    chunks: list[Any]
+    longest: int
+
+
+@dataclass
+class ReadPlan:
+    """Bytes a set of ranks read for their requests: stored records read whole, and the parts they need."""
+
+    record_bytes: int = 0
+    needed_bytes: int = 0
+    missing: list[str] = field(default_factory=list)
+
+
+class ChunkIndex:
+    """A checkpoint's `.metadata` indexed for overlap queries (by the first dim of each tensor's chunks)."""
+
+    def __init__(self, metadata: Metadata) -> None:
+        self.metadata = metadata
+        self.keys: dict[str, _KeyIndex] = {}
+        for key, meta in metadata.state_dict_metadata.items():
+            if isinstance(meta, TensorStorageMetadata):
+                chunks = sorted(meta.chunks, key=lambda c: tuple(c.offsets))
+                starts = [int(c.offsets[0]) if len(c.offsets) else 0 for c in chunks]
+                longest = max((int(c.sizes[0]) if len(c.sizes) else 1 for c in chunks), default=0)
+                self.keys[key] = _KeyIndex(starts, chunks, longest)
+
+    def record_length(self, key: str, chunk) -> int:
+        """The stored record's length (from storage_data; a planned layout without it: the payload)."""
+        info = self.metadata.storage_data.get(MetadataIndex(key, chunk.offsets)) if self.metadata.storage_data else None
+        if info is not None:
+            return info.length
+        return _numel(chunk.sizes) * self.metadata.state_dict_metadata[key].properties.dtype.itemsize
+
+    def plan(self, requests: list[Request]) -> ReadPlan:
+        result = ReadPlan()
+        for request in requests:
+            index = self.keys.get(request.key)
+            if index is None:
+                result.missing.append(request.key)
+                continue
+            itemsize = self.metadata.state_dict_metadata[request.key].properties.dtype.itemsize
+            low, high = request.offsets[0], request.offsets[0] + request.sizes[0]
+            first = bisect.bisect_left(index.starts, low - index.longest + 1)
+            for position in range(first, bisect.bisect_left(index.starts, high)):
+                chunk = index.chunks[position]
+                overlap = 1
+                for a, s, b, t in zip(request.offsets, request.sizes, chunk.offsets, chunk.sizes, strict=True):
+                    overlap *= max(0, min(a + s, b + t) - max(a, b))
+                if overlap:
+                    result.record_bytes += self.record_length(request.key, chunk)
+                    result.needed_bytes += overlap * itemsize
+        return result
+
+
+def checkpoint_tensor_bytes(metadata: Metadata) -> int:
+    """Payload bytes of every tensor stored (each element once)."""
+    return sum(_numel(meta.size) * meta.properties.dtype.itemsize for meta in metadata.state_dict_metadata.values()
+               if isinstance(meta, TensorStorageMetadata))
+
+
+@dataclass
+class ClusterRead:
+    """What a whole cluster reads to load one checkpoint (every rank, no deduplication)."""
+
+    checkpoint_bytes: int
+    needed_bytes: int  # summed over ranks: the slices they keep
+    read_bytes: int  # summed over ranks: the stored records they read whole
+    per_rank: list[int]
+    per_node: list[int]
+    missing: list[str]
+
+    @property
+    def over_checkpoint(self) -> float:
+        return self.read_bytes / self.checkpoint_bytes
+
+    @property
+    def over_needed(self) -> float:
+        return self.read_bytes / self.needed_bytes
+
+
+def cluster_read(metadata: Metadata, mapping: MappingPlan, layout: ParallelLayout, gpus_per_node: int = 8,
+                 duplicated_down_proj: bool = False) -> ClusterRead:
+    """Every rank's read plan against `metadata`; ranks fill nodes in order (rank // gpus_per_node)."""
+    index = ChunkIndex(metadata)
+    per_rank, needed, missing = [], 0, set()
+    for rank in range(layout.world):
+        plan = index.plan(rank_requests(mapping, layout, rank, duplicated_down_proj))
+        per_rank.append(plan.record_bytes)
+        needed += plan.needed_bytes
+        missing.update(plan.missing)
+    nodes = -(-layout.world // gpus_per_node)
+    per_node = [sum(per_rank[n * gpus_per_node:(n + 1) * gpus_per_node]) for n in range(nodes)]
+    return ClusterRead(checkpoint_tensor_bytes(metadata), needed, sum(per_rank), per_rank, per_node, sorted(missing))
+
+
+def detect_alignment(metadata: Metadata) -> tuple[int, int]:
+    """(TP, ETP) the checkpoint's chunks are cut for, read off `linear_proj` and a routed expert's
+    `linear_fc2` (both split along their last dim); (1, 1) for a global layout."""
+    def slices(suffix: str, expert: bool) -> int:
+        key = next((k for k in metadata.state_dict_metadata if k.endswith(suffix)), None)
+        if key is None:
+            return 1
+        chunks = metadata.state_dict_metadata[key].chunks
+        return len({int(c.offsets[-1]) for c in chunks if not expert or int(c.offsets[0]) == 0})
+
+    return slices("self_attention.linear_proj.weight", False), slices("mlp.experts.experts.linear_fc2.weight", True)
+
+
+# ---- a real load on CPU (gloo), counted: what tests and `python -m converters.read_cost` run ----
+
+
+def requested_slices(sharded_state_dict) -> list[Request]:
+    """The tensor slices a model's sharded_state_dict asks for (SwiGLU factories expanded into their halves)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    requests = []
+    for value in nested_values(sharded_state_dict):
+        parts = [value]
+        if isinstance(value, ShardedTensorFactory):
+            built = value.build()
+            parts = list(nested_values(built)) if isinstance(built, dict) else list(built) if isinstance(built, list) else [built]
+        for part in parts:
+            if isinstance(part, ShardedTensor):
+                sizes = (1,) * part.prepend_axis_num + tuple(int(s) for s in part.local_shape)  # the expert axis
+                requests.append(Request(part.key, tuple(int(o) for o in part.global_offset), sizes))
+    return requests
+
+
+def _measure_rank(rank: int, world: int, port: int, hf_dir: str, mcore_dir: str, tp: int, ep: int, spec: str, result: str) -> None:
+    import json
+
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from converters.mcore_check import build_model
+    from converters.mcore_shim import init_distributed, install_cpu_shim
+
+    install_cpu_shim()
+    init_distributed(rank, world, port, tp=tp, ep=ep)
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    model = build_model(config, tp, 1, ep, spec)
+    metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+    requests = requested_slices(model.sharded_state_dict(metadata=metadata))
+    with counting_reads() as count:
+        # verl's call, as in converters.mcore_check
+        dist_checkpointing.load(model.sharded_state_dict(metadata=metadata), mcore_dir, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    record = {"rank": rank, "count": dataclasses.asdict(count), "requests": [dataclasses.astuple(r) for r in requests]}
+    Path(f"{result}.{rank}").write_text(json.dumps(record))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def measure_load(hf_dir, mcore_dir, tp: int = 1, ep: int = 1, spec: str = "te") -> list[dict[str, Any]]:
+    """Load the checkpoint into a real Megatron-Core model in tp*ep gloo processes (ETP = TP); per rank:
+    its ReadCount as a dict and the slices it asked for."""
+    import json
+    import os
+    import tempfile
+
+    from converters.mcore_check import _free_port
+
+    world = tp * ep
+    with tempfile.TemporaryDirectory() as scratch:
+        result = os.path.join(scratch, "reads")
+        args = (world, _free_port(), str(hf_dir), str(mcore_dir), tp, ep, spec, result)
+        torch.multiprocessing.start_processes(_measure_rank, args=args, nprocs=world, start_method="spawn", join=True)
+        records = [json.loads(open(f"{result}.{rank}").read()) for rank in range(world)]
+    for record in records:
+        record["requests"] = [Request(key, tuple(offsets), tuple(sizes)) for key, offsets, sizes in record["requests"]]
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Load a torch_dist checkpoint into a real Megatron-Core model on CPU "
+                                     "(gloo, tp*ep processes) and print the bytes each rank read.")
+    parser.add_argument("--hf", type=Path, required=True, help="HF dir (config.json) of the model")
+    parser.add_argument("--mcore", type=Path, required=True, help="the dist_checkpointing_path (.../release)")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--spec", choices=["te", "local"], default="te")
+    args = parser.parse_args(argv)
+    for record in measure_load(args.hf, args.mcore, args.tp, args.ep, args.spec):
+        count = record["count"]
+        print(json.dumps({"rank": record["rank"], **count, "requests": len(record["requests"]),
+                          "stream_over_needed": round(count["stream_tensor_bytes"] / count["needed_bytes"], 4),
+                          "records_over_needed": round(count["record_bytes"] / count["needed_bytes"], 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -6,6 +6,7 @@
 #   bash bench/device_runs.sh load 16|19 OUT converted checkpoints in the TE model: keys, verl's load, logits
 #   bash bench/device_runs.sh grads 16|19 OUT TP2 vs TP1 gradients and flag-based export, per patch set
 #   bash bench/device_runs.sh convert OUT    fp8-bf16 on 1 and 2 GPUs and CPU, hf-mcore cuda vs cpu
+#   bash bench/device_runs.sh timing OUT     load time and bytes per rank, global vs TP2-aligned layout
 #
 # Wheels come from .stage/ (git-ignored): .stage/extra (libcst cp312), .stage/mcore19 (megatron-core 0.19.2).
 set -u
@@ -31,21 +32,29 @@ load)
   PYTHONPATH=$(site "$version") python3 -m converters.mcore_check --hf /tmp/te-load/mtp/bf16 --mcore /tmp/te-load/local --tp 2 | tail -4
   echo "mcore_check on a local-spec checkpoint: exit ${PIPESTATUS[0]}" ;;
 grads)
+  # unpatched, default apply (export flag on 0.14-0.16), --seed-edit (+ rope fix), and the how-to's edit alone
   version=$1; out=$2; mkdir -p "$out"
   src=/tmp/site/megatron; [ "$version" = 19 ] && src=/tmp/site19/megatron
-  for variant in unpatched default seed-edit-only seed-edit; do
-    tree=/tmp/mcore-$version-$variant; rm -rf "$tree"; mkdir -p "$tree"; cp -r "$src" "$tree/megatron"
+  for variant in unpatched default seed seed_only; do
+    tree=/tmp/mcore-$version-$variant; rm -rf "$tree"; mkdir -p "$tree"; cp -r "$src" "$tree/"
     case $variant in
       default) PYTHONPATH=/tmp/site:$repo python3 -m patcher.cli apply "$tree" ;;
-      seed-edit) PYTHONPATH=/tmp/site:$repo python3 -m patcher.cli apply "$tree" --seed-edit ;;
-      seed-edit-only) PYTHONPATH=/tmp/site:$repo python3 -m patcher.cli apply "$tree" --seed-edit --only seed-edit ;;
+      seed|seed_only) PYTHONPATH=/tmp/site:$repo python3 -m patcher.cli apply "$tree" --seed-edit ;;
     esac
-    PYTHONPATH=$tree:$(site "$version") python3 -m bench.mla_tp_grads --backend te --json > "$out/grads-$variant.json"
-    echo "$variant: exit $?"; tail -c 1500 "$out/grads-$variant.json"
+    if [ $variant = seed_only ]; then
+      mla=$tree/megatron/core/transformer/multi_latent_attention.py; cp "$mla.orig" "$mla"
+      PYTHONPATH=/tmp/site:$repo python3 -m patcher.cli status "$tree" | tail -3; echo "status exit ${PIPESTATUS[0]} (1: rope fix missing)"
+    fi
+    PYTHONPATH=$tree:$(site "$version") python3 -m bench.mla_tp_grads --backend te --out "$out/grads-$version-$variant.json" 2>&1 | tail -25
+    echo "$variant: exit ${PIPESTATUS[0]}"
   done ;;
+timing)
+  out=$1; mkdir -p "$out"
+  PYTHONPATH=/tmp/site:$repo python3 -m bench.load_timing --work /tmp/load-timing --json > "$out/load_timing.json"
+  echo "load_timing exit $?"; head -c 3000 "$out/load_timing.json" ;;
 convert)
   out=$1; mkdir -p "$out"
   PYTHONPATH=/tmp/site:$repo python3 -m bench.multi_gpu_convert --work /tmp/mgc --gb 6 --gpus 2 --cpu-workers 8 --experts 16 --repeats 2 > "$out/multi_gpu_convert.json"
   echo "multi_gpu_convert exit $?"; cat "$out/multi_gpu_convert.json" | head -60 ;;
-*) echo "usage: device_runs.sh setup|load|grads|convert ..."; exit 2 ;;
+*) echo "usage: device_runs.sh setup|load|grads|convert|timing ..."; exit 2 ;;
 esac

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from atomicio import atomic_write_bytes, fsync_dir
 from converters.safetensors_io import (
     INDEX_NAME,
     OutputTensor,
@@ -39,7 +40,6 @@ from converters.safetensors_io import (
 )
 from converters.safety import ConvertError, check_free_space, check_paths, resolve_device
 from kernels.fp8 import DEFAULT_BLOCK, FP8FormatError, dequant_fp8_blocks_batched, scale_shape
-from patcher.fsio import atomic_write_bytes, fsync_dir
 from patcher.hf_config import ConfigEdit, ConfigFormatError
 
 STATE_DIR = ".fp8-bf16"

@@ -149,7 +149,7 @@ def convert(src: Path, dst: Path, strict: bool = False) -> dict[str, SplitReport
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from patcher.fsio import atomic_write_bytes
+    from atomicio import atomic_write_bytes
 
     reports: dict[str, SplitReport] = {}
     outputs: dict[str, bytes] = {}

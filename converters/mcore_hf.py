@@ -20,6 +20,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
+from atomicio import atomic_write_bytes, fsync_dir
 from converters.mcore_config import moe_layer_freq
 from converters.mcore_mapping import MTP_DUPLICATES, plan_mapping
 from converters.safetensors_io import (
@@ -31,7 +32,6 @@ from converters.safetensors_io import (
     tensor_bytes,
 )
 from converters.safety import ConvertError, check_free_space, check_paths
-from patcher.fsio import atomic_write_bytes, fsync_dir
 from patcher.hf_config import ConfigEdit
 
 SHARD_BYTES = 5 * 1000**3

@@ -6,12 +6,13 @@ import ast
 import difflib
 import importlib.util
 import json
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from atomicio import atomic_write_bytes
 from patcher import megatron_spec
-from patcher.fsio import atomic_write_bytes, ensure_writable
 from patcher.hf_config import ConfigEdit, ConfigFormatError, top_level_members
 
 SPEC_RELATIVE = Path("core/models/gpt/gpt_layer_specs.py")
@@ -26,6 +27,19 @@ EXIT_CODES = {APPLIED: 0, NOT_NEEDED: 0, NEEDS_PATCH: 1, UNSUPPORTED: 2}
 
 class PatchError(Exception):
     """An expected failure: bad target, unsupported file, refused revert. Exit code 2."""
+
+
+class ReadOnlyTargetError(PatchError):
+    """The file to patch has no write bit; the message says what to do."""
+
+
+def ensure_writable(path: Path) -> None:
+    """Refuse a file whose mode has no write bit, even for root, before anything is written."""
+    if path.exists() and not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise ReadOnlyTargetError(
+            f"{path} is read-only (mode {stat.S_IMODE(path.stat().st_mode):o}); "
+            f"make it writable (chmod u+w '{path}') or patch a copy of it"
+        )
 
 
 @dataclass

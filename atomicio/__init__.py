@@ -7,6 +7,7 @@ the directory.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -38,11 +39,23 @@ class AtomicFile:
             self.handle = open(self.tmp_path, "wb")  # noqa: SIM115 - closed by close/commit/discard
 
     def write(self, data: bytes | memoryview) -> int:
-        return self.handle.write(data)
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self._raise_named(exc)
 
     def close(self) -> None:
         if not self.handle.closed:
-            self.handle.close()
+            try:
+                self.handle.close()
+            except OSError as exc:
+                self._raise_named(exc)
+
+    def _raise_named(self, exc: OSError) -> None:
+        """A write error names no file; say which one (the target: the temp name means nothing to people)."""
+        if exc.filename:
+            raise exc
+        raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def commit(self, expected_size: int | None = None) -> None:
         """fsync the data, check its size, rename it over the target and fsync the directory."""
@@ -59,16 +72,22 @@ class AtomicFile:
                     os.close(fd)
             size = self.tmp_path.stat().st_size
             if expected_size is not None and size != expected_size:
-                raise OSError(f"{self.path}: wrote {size} bytes, expected {expected_size}")
+                raise OSError(errno.EIO, f"wrote {size} bytes, expected {expected_size}", str(self.path))
             os.chmod(self.tmp_path, self.mode)
             os.replace(self.tmp_path, self.path)
+        except OSError as exc:
+            self.discard()
+            self._raise_named(exc)
         except BaseException:
             self.discard()
             raise
         fsync_dir(self.path.parent)
 
     def discard(self) -> None:
-        self.close()
+        try:
+            self.handle.close()
+        except OSError:  # the data is being thrown away: a failed flush does not matter
+            pass
         self.tmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicFile:

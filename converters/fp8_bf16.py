@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-from atomicio import atomic_write_bytes, fsync_dir
+from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
+from converters.jobs.claim import Destination
+from converters.jobs.partition import balance
+from converters.jobs.pool import run_workers
 from converters.safetensors_io import (
     INDEX_NAME,
     OutputTensor,
@@ -38,12 +41,11 @@ from converters.safetensors_io import (
     read_tensor,
     tensor_bytes,
 )
-from converters.safety import ConvertError, check_free_space, check_paths, resolve_device
+from converters.safety import ConvertError, check_free_space, check_paths, check_readable, read_config, resolve_device
 from kernels.fp8 import DEFAULT_BLOCK, FP8FormatError, dequant_fp8_blocks_batched, scale_shape
 from patcher.hf_config import ConfigEdit, ConfigFormatError
 
 STATE_DIR = ".fp8-bf16"
-STATE_FILE = "state.json"
 SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SKIP_DIRS = {".git", ".cache", STATE_DIR}
@@ -103,19 +105,19 @@ class CastPlan:
     block: tuple[int, int]
     has_index: bool
     index_metadata: dict[str, object]
-    config_text: str | None
+    config_out: str | None  # the output's config.json, made (and so checked) while planning
+    copies: list[Path]  # other files of the source, relative to it, copied as they are
     options: CastOptions
     identity: dict[str, object] = field(default_factory=dict)
 
     def my_shards(self) -> list[ShardJob]:
-        """This machine's part under --shard I/N: largest first to the least-loaded part."""
-        loads = [0] * self.options.shard_count
-        owner: dict[str, int] = {}
-        for shard in sorted(self.shards, key=lambda s: (-s.output_size, s.name)):
-            part = min(range(len(loads)), key=lambda p: (loads[p], p))
-            loads[part] += shard.output_size
-            owner[shard.name] = part
-        return [s for s in self.shards if owner[s.name] == self.options.shard_index]
+        """This machine's part under --shard I/N."""
+        owned = balance([shard.output_size for shard in self.shards], self.options.shard_count)
+        return [self.shards[i] for i in owned[self.options.shard_index]]
+
+    def destination(self) -> Destination:
+        return Destination(self.dst, self.dst / STATE_DIR, self.identity, self.options.shard_index,
+                           self.options.shard_count, self.options.overwrite)
 
 
 @dataclass
@@ -145,21 +147,32 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _read_config(src: Path) -> tuple[str | None, dict[str, object]]:
-    path = src / "config.json"
-    if not path.is_file():
-        return None, {}
-    text = path.read_text(encoding="utf-8")
-    try:
-        return text, json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CastError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-
-
-def _block_size(config: dict[str, object]) -> tuple[int, int]:
+def _block_size(config: dict[str, object], path: Path) -> tuple[int, int]:
     quantization = config.get("quantization_config") or {}
     block = quantization.get("weight_block_size", DEFAULT_BLOCK) if isinstance(quantization, dict) else DEFAULT_BLOCK
-    return (int(block[0]), int(block[1]))
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CastError(f"{path}: quantization_config.weight_block_size is {block!r}, expected two positive integers such as [128, 128]")
+    return (block[0], block[1])
+
+
+def _output_config(config_text: str, path: Path, drop_mtp: bool) -> str:
+    edit = ConfigEdit(drop_quantization=True, disable_mtp=drop_mtp, dtype="bfloat16")
+    try:
+        return edit.apply(config_text)
+    except ConfigFormatError as exc:
+        raise CastError(f"{path}: {exc}") from exc
+
+
+def _files_to_copy(src: Path, shard_names: set[str]) -> list[Path]:
+    """Every file of the source but the shards, the index and config.json (which are written anew)."""
+    copies = []
+    for path in sorted(src.rglob("*")):
+        relative = path.relative_to(src)
+        if relative.parts[0] in _SKIP_DIRS or str(relative) in shard_names | {INDEX_NAME, "config.json"}:
+            continue
+        if not path.is_dir():  # a broken link is kept here, so that the preflight names it
+            copies.append(relative)
+    return copies
 
 
 def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
@@ -167,7 +180,8 @@ def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise CastError(f"{src}: not a directory")
-    config_text, config = _read_config(src)
+    config_path = src / "config.json"
+    config_text, config = read_config(config_path) if config_path.exists() or config_path.is_symlink() else (None, {})
     try:
         weight_map, index_metadata = load_index(src)
         missing = [name for name in sorted(set(weight_map.values())) if not (src / name).is_file()]
@@ -176,7 +190,7 @@ def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
         headers = {name: read_header(src / name) for name in sorted(set(weight_map.values()))}
     except SafetensorsError as exc:
         raise CastError(str(exc)) from exc
-    block = _block_size(config)
+    block = _block_size(config, config_path)
     num_layers = config.get("num_hidden_layers")
     if options.drop_mtp and not isinstance(num_layers, int):
         raise CastError(f"{src / 'config.json'}: --drop-mtp needs num_hidden_layers in config.json")
@@ -199,7 +213,9 @@ def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
         "drop_mtp": options.drop_mtp,
         "shards": {name: [h.file_size, (src / name).stat().st_mtime_ns] for name, h in headers.items()},
     }
-    return CastPlan(src, dst, shards, block, (src / INDEX_NAME).is_file(), index_metadata, config_text, options, identity)
+    config_out = None if config_text is None else _output_config(config_text, config_path, options.drop_mtp)
+    copies = _files_to_copy(src, set(headers))
+    return CastPlan(src, dst, shards, block, (src / INDEX_NAME).is_file(), index_metadata, config_out, copies, options, identity)
 
 
 def _plan_shard(
@@ -255,30 +271,10 @@ def shard_is_done(dst: Path, shard: ShardJob) -> bool:
         return False
 
 
-def prepare_destination(plan: CastPlan) -> None:
-    """Create or validate DST: resume our own run of the same source, refuse anything else."""
-    dst = plan.dst
-    check_paths(plan.src, dst)
-    state_dir = dst / STATE_DIR
-    state_path = state_dir / STATE_FILE
-    if dst.exists() and not dst.is_dir():
-        raise CastError(f"--dst {dst} exists and is not a directory")
-    # A state dir without state.json is what a kill right after mkdir leaves: nothing of value.
-    contents = [p for p in dst.iterdir() if p.name != STATE_DIR or state_path.is_file()] if dst.is_dir() else []
-    if contents and not plan.options.overwrite:
-        if not state_path.is_file():
-            raise CastError(f"--dst {dst} is not empty and holds no conversion of this source; choose an empty directory or pass --overwrite")
-        previous = json.loads(state_path.read_text())
-        if previous != plan.identity:
-            raise CastError(
-                f"--dst {dst} holds a conversion of another source or with other options "
-                f"({previous.get('source')}, drop_mtp={previous.get('drop_mtp')}); use a new directory or --overwrite"
-            )
-    state_dir.mkdir(parents=True, exist_ok=True)
+def _remove_dead_temps(state_dir: Path) -> None:
     for stale in state_dir.glob("*.tmp"):
         if _tmp_owner_dead(stale):
             stale.unlink(missing_ok=True)
-    atomic_write_bytes(state_path, json.dumps(plan.identity, indent=1, sort_keys=True).encode())
 
 
 def _tmp_name(shard: str) -> str:
@@ -357,7 +353,7 @@ def convert_shard(
     shard; the returned future says when (and whether) the shard landed. Also returns each stage's
     busy seconds: the stage whose time is close to the total is the bottleneck.
     """
-    tmp = plan.dst / STATE_DIR / _tmp_name(shard.name)
+    target = AtomicFile(plan.dst / shard.name, tmp_path=plan.dst / STATE_DIR / _tmp_name(shard.name))
     busy = {"read": 0.0, "dequant": 0.0, "write": 0.0, "fsync": 0.0}
     errors: list[BaseException] = []
     batches: queue.Queue = queue.Queue()
@@ -406,75 +402,49 @@ def convert_shard(
         threading.Thread(target=_produce, args=(dequantise, loaded, converted, errors), daemon=True),
     ]
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(shard.header)
-            for thread in threads:
-                thread.start()
-            for batch in _batches(shard, plan.options.batch_bytes):
-                batches.put(batch)
-            batches.put(None)
-            throttle = _Throttle(plan.options.max_write_bytes_per_s)
-            while (done := converted.get()) is not None:
-                if errors:
-                    continue
-                start = time.perf_counter()
-                for job, tensor in done:
-                    handle.write(tensor_bytes(tensor))
-                    progress(job.input_bytes)
-                    throttle.wrote(job.output.nbytes)
-                busy["write"] += time.perf_counter() - start
-            for thread in threads:
-                thread.join()
+        target.write(shard.header)
+        for thread in threads:
+            thread.start()
+        for batch in _batches(shard, plan.options.batch_bytes):
+            batches.put(batch)
+        batches.put(None)
+        throttle = _Throttle(plan.options.max_write_bytes_per_s)
+        while (done := converted.get()) is not None:
             if errors:
-                raise errors[0]
+                continue
+            start = time.perf_counter()
+            for job, tensor in done:
+                target.write(tensor_bytes(tensor))
+                progress(job.input_bytes)
+                throttle.wrote(job.output.nbytes)
+            busy["write"] += time.perf_counter() - start
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        target.close()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        target.discard()
         raise
     if committer is None:
-        _commit(plan, shard, tmp, busy)
+        _commit(target, shard, busy)
         return busy, None
-    return busy, committer.submit(_commit, plan, shard, tmp, busy)
+    return busy, committer.submit(_commit, target, shard, busy)
 
 
-def _commit(plan: CastPlan, shard: ShardJob, tmp: Path, busy: dict[str, float]) -> None:
+def _commit(target: AtomicFile, shard: ShardJob, busy: dict[str, float]) -> None:
     """fsync the finished temp file, check its size, and rename it into place."""
-    try:
-        start = time.perf_counter()
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        busy["fsync"] += time.perf_counter() - start
-        if tmp.stat().st_size != shard.output_size:
-            raise CastError(f"{shard.name}: wrote {tmp.stat().st_size} bytes, expected {shard.output_size}")
-        os.replace(tmp, plan.dst / shard.name)
-        fsync_dir(plan.dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.copy2(source, tmp)
-    os.replace(tmp, target)
+    start = time.perf_counter()
+    target.commit(expected_size=shard.output_size)
+    busy["fsync"] += time.perf_counter() - start
 
 
 def finalize(plan: CastPlan) -> None:
     """Config, other files, then the index (written last: it marks the output as complete)."""
-    shard_names = {shard.name for shard in plan.shards}
-    for path in sorted(plan.src.rglob("*")):
-        relative = path.relative_to(plan.src)
-        if path.is_dir() or relative.parts[0] in _SKIP_DIRS or str(relative) in shard_names:
-            continue
-        if str(relative) in (INDEX_NAME, "config.json"):
-            continue
-        _copy_atomic(path, plan.dst / relative)
-    if plan.config_text is not None:
-        edit = ConfigEdit(drop_quantization=True, disable_mtp=plan.options.drop_mtp, dtype="bfloat16")
-        try:
-            atomic_write_bytes(plan.dst / "config.json", edit.apply(plan.config_text).encode("utf-8"))
-        except ConfigFormatError as exc:
-            raise CastError(f"{plan.src / 'config.json'}: {exc}") from exc
+    for relative in plan.copies:
+        atomic_copy(plan.src / relative, plan.dst / relative)
+    if plan.config_out is not None:
+        atomic_write_bytes(plan.dst / "config.json", plan.config_out.encode("utf-8"))
     if plan.has_index:
         weight_map = {job.output.name: shard.name for shard in plan.shards for job in shard.jobs}
         index = {
@@ -496,16 +466,30 @@ def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], N
         summary.finalized = True
         summary.seconds = time.perf_counter() - start
         return summary
-    prepare_destination(plan)
+    destination = plan.destination()
+    check_paths(plan.src, plan.dst)
+    destination.check()
     pending = [shard for shard in mine if not shard_is_done(plan.dst, shard)]
     summary.shards_skipped = len(mine) - len(pending)
-    check_free_space(plan.dst, sum(shard.output_size for shard in pending), f"{len(pending)} shard(s)")
+    copies = [plan.src / relative for relative in plan.copies]
+    check_readable(copies)
+    copy_bytes = sum(path.stat().st_size for path in copies) + len(plan.config_out or "")
+    check_free_space(plan.dst, sum(shard.output_size for shard in pending) + copy_bytes, f"{len(pending)} shard(s) and {len(copies)} other file(s)")
     device = resolve_device(plan.options.device)
+    with destination.claim():
+        _remove_dead_temps(plan.dst / STATE_DIR)
+        _convert_pending(plan, pending, device, progress_factory, summary)
+        if all(shard_is_done(plan.dst, shard) for shard in plan.shards):
+            finalize(plan)
+            summary.finalized = True
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _convert_pending(plan: CastPlan, pending: list[ShardJob], device: torch.device, progress_factory, summary: CastSummary) -> None:
     progress = (progress_factory or (lambda total: lambda n: None))(sum(s.input_bytes for s in pending))
     if plan.options.workers > 1 and len(pending) > 1:
-        from converters.cast_workers import convert_in_workers
-
-        convert_in_workers(plan, pending, device, progress)
+        _convert_in_workers(plan, pending, device, progress)
     else:
         # one shard's fsync and rename overlap the next shard's conversion
         with ThreadPoolExecutor(max_workers=1) as committer:
@@ -528,8 +512,30 @@ def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], N
         summary.fp8_tensors += sum(job.scale is not None for job in shard.jobs)
         summary.bytes_in += shard.input_bytes
         summary.bytes_out += shard.output_size
-    if all(shard_is_done(plan.dst, shard) for shard in plan.shards):
-        finalize(plan)
-        summary.finalized = True
-    summary.seconds = time.perf_counter() - start
-    return summary
+
+
+def _convert_in_workers(plan: CastPlan, pending: list[ShardJob], device: torch.device, progress: Callable[[int], None]) -> None:
+    """One process per GPU (or CPU slice), each given a balanced set of the pending shards."""
+    workers = min(plan.options.workers, len(pending))
+    if device.type == "cuda":
+        devices = [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
+    else:
+        devices = ["cpu"] * workers
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    groups = [[pending[i].name for i in group] for group in balance([s.output_size for s in pending], workers)]
+    run_workers(
+        _convert_shards,
+        [(plan, names, dev, threads) for names, dev in zip(groups, devices, strict=True)],
+        progress,
+        [f"worker {i + 1} ({dev}, {len(names)} shard(s))" for i, (names, dev) in enumerate(zip(groups, devices, strict=True))],
+    )
+
+
+def _convert_shards(plan: CastPlan, shard_names: list[str], device: str, threads: int, report: Callable[[int], None]) -> None:
+    """A worker process's share of the shards."""
+    torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    by_name = {shard.name: shard for shard in plan.shards}
+    for name in shard_names:
+        convert_shard(plan, by_name[name], torch.device(device), report)

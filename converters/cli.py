@@ -36,15 +36,24 @@ Engine spec (--spec te, production) or the local spec. Give verl the printed rel
 actor_rollout_ref.{actor,ref}.megatron.dist_checkpointing_path. Re-running resumes after a kill.
 """
 
-EXIT_CODES = """\
-exit codes:
-  0    done (or nothing to do: the output is already complete)
-  1    this --shard part is done, other parts are still missing (index not yet written)
-  2    bad input or unsafe request (also: this part is already being written); nothing written
-  3    reading or writing failed (disk full, permission); free space and re-run to resume
-  4    a worker process died (e.g. the out-of-memory killer), or an internal error; re-run to resume
-  130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM; re-run to resume
-"""
+
+
+def exit_codes(refused: str, part_done: str | None = None) -> str:
+    """The exit-code table of a command's --help (README: "Exit codes")."""
+    lines = ["exit codes:", "  0    done (or nothing to do: the output is already complete)"]
+    if part_done:
+        lines.append(f"  1    {part_done}")
+    lines += [
+        f"  2    {refused}; nothing written",
+        "  3    reading or writing failed (disk full, permission); free space and re-run to resume",
+        "  4    a worker process died (e.g. the out-of-memory killer), or an internal error; re-run to resume",
+        "  130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM; re-run to resume",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+PARTS_EXIT_CODES = exit_codes("bad input or unsafe request (also: this part is already being written)",
+                              "this --shard part is done, other parts are still missing (index not yet written)")
 
 
 def _shard_spec(text: str) -> tuple[int, int]:
@@ -83,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fp8-bf16",
         help="FP8 block-quantised checkpoint -> BF16 safetensors (exact, resumable)",
         description=FP8_BF16_HELP,
-        epilog=EXIT_CODES + "\nexample:\n  convert fp8-bf16 --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-BF16\n",
+        epilog=PARTS_EXIT_CODES + "\nexample:\n  convert fp8-bf16 --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-BF16\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _paths(cast, "HF dir with model.safetensors.index.json (or model.safetensors)",
@@ -100,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hf-mcore",
         help="HF checkpoint (BF16 or FP8) -> Megatron-Core torch_dist checkpoint, one process, bounded memory",
         description=HF_MCORE_HELP,
-        epilog=EXIT_CODES.replace("this --shard part", "this --shard part of the bins")
+        epilog=PARTS_EXIT_CODES.replace("this --shard part", "this --shard part of the bins")
         + "\nexample:\n  convert hf-mcore --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-mcore\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -122,8 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a Megatron-Core torch_dist checkpoint of a DeepSeek-V3-class model to HF "
         "safetensors shards with an index; config.json and tokenizer files come from --hf-config. "
         "Tensors keep their stored dtype; memory stays near the largest tensor.",
-        epilog="exit codes:\n  0    done\n  2    bad input; the message names the file and tensor\n"
-        "  3    reading or writing failed (disk full, permission)\n  4    internal error\n  130  interrupted (SIGINT), 143 (SIGTERM)\n\nexample:\n"
+        epilog=exit_codes("bad input; the message names the file and tensor") + "\nexample:\n"
         "  convert mcore-hf --src ckpt/global_step_100/actor --hf-config /models/DeepSeek-V3-0324 --dst /models/step100-hf\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -138,8 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "answer, with the last \\boxed{...} of the reference solution as the rule-based ground truth. "
         "Splits come from the file names (train, test). Rows whose solution has no usable box are skipped "
         "and counted (--strict: an error).",
-        epilog="exit codes:\n  0    done\n  2    unreadable input, a row without problem/solution, or (--strict) a row without a box\n"
-        "  3    writing failed (disk full, permission)\n  4    internal error\n  130  interrupted (SIGINT), 143 (SIGTERM)\n\n"
+        epilog=exit_codes("unreadable input, a row without problem/solution, or (--strict) a row without a box") + "\n"
         "example:\n  convert math-lighteval --src dataset/MATH-lighteval --dst data/math\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from converters.jobs.errors import ConvertError
+from patcher.hf_config import ConfigFormatError, top_level_members
 
 SPACE_MARGIN = 64 * 1024 * 1024
 
@@ -62,11 +63,10 @@ def read_config(path: Path, needed: Iterable[str] = ()) -> tuple[str, dict[str, 
     except (OSError, UnicodeDecodeError) as exc:
         raise ConvertError(f"{path}: cannot be read ({exc})") from exc
     try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConvertError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    if not isinstance(config, dict):
-        raise ConvertError(f"{path}: holds a JSON {type(config).__name__}, not an object of model settings")
+        top_level_members(text)  # the JSON-object check patcher makes before it edits a config
+    except ConfigFormatError as exc:
+        raise ConvertError(f"{path}: {exc}") from exc
+    config = json.loads(text)
     missing = [key for key in needed if key not in config]
     if missing:
         raise ConvertError(f"{path}: lacks {', '.join(missing)}")

@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from faults import assert_gone, fill, spawned_workers, wait_until
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -288,35 +290,9 @@ def slow_model(tmp_path_factory) -> dict[str, Path]:
     return {"src": root / "src", "reference": root / "reference"}
 
 
-def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "converters.cli", "fp8-bf16", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_until(condition, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, f"exited {process.returncode} too early: {process.stderr.read()}"
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.02)
-
-
-def workers_of(process: subprocess.Popen) -> list:
-    import psutil
-
-    return [child for child in psutil.Process(process.pid).children() if "spawn_main" in " ".join(child.cmdline())]
-
-
-def assert_gone(pids: list[int]) -> None:
-    import psutil
-
-    def alive() -> list[int]:
-        return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-
-    deadline = time.time() + 10
-    while alive() and time.time() < deadline:
-        time.sleep(0.1)
-    assert not alive(), f"left behind: {alive()}"
+                            stderr=subprocess.PIPE, text=True)
 
 
 def resume_and_compare(slow_model, dst: Path) -> None:
@@ -328,12 +304,10 @@ def resume_and_compare(slow_model, dst: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["kill-9-worker", "sigterm-parent"])
 def test_workers_under_kill_and_sigterm(slow_model, tmp_path, fault):
-    import psutil
-
     dst = tmp_path / "out"
     process = start("--quiet", "--src", str(slow_model["src"]), "--dst", str(dst), "--workers", "2", "--device", "cpu", *SLOW)
-    wait_until(lambda: len(workers_of(process)) == 2 and len(list((dst / ".fp8-bf16").glob("model-*.tmp"))) == 2, process)
-    workers = workers_of(process)
+    wait_until(lambda: len(spawned_workers(process.pid)) == 2 and len(list((dst / ".fp8-bf16").glob("model-*.tmp"))) == 2, process)
+    workers = spawned_workers(process.pid)
     everyone = [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
     if fault == "kill-9-worker":
         os.kill(workers[0].pid, signal.SIGKILL)
@@ -352,38 +326,6 @@ def test_workers_under_kill_and_sigterm(slow_model, tmp_path, fault):
     assert_gone(everyone)
     assert not (dst / "model.safetensors.index.json").exists()
     resume_and_compare(slow_model, dst)
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """SIZE -> a fresh tmpfs of that size (needs the right to mount: skipped with the reason otherwise)."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        mount_point = tmp_path / f"tmpfs-{len(mounted)}"
-        mount_point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
-        mounted.append(mount_point)
-        return mount_point
-
-    yield mount
-    for mount_point in mounted:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def fill(mount_point: Path) -> Path:
-    ballast = mount_point / "ballast"
-    with open(ballast, "wb") as handle:
-        chunk = b"\0" * (1 << 20)
-        try:
-            while True:
-                handle.write(chunk)
-                handle.flush()
-        except OSError:
-            pass
-    return ballast
 
 
 @pytest.mark.slow
@@ -425,7 +367,7 @@ def test_unreadable_files_and_bad_config_are_refused_before_writing(broken, tmp_
     config = (broken / "config.json").read_text()
     (broken / "config.json").write_text("[1, 2]")
     result = convert("--src", str(broken), "--dst", str(dst))
-    assert result.returncode == 2 and "config.json: holds a JSON list, not an object" in result.stderr
+    assert result.returncode == 2 and "config.json: the top level is a list, not an object" in result.stderr
     assert "Traceback" not in result.stderr and not dst.exists()
     (broken / "config.json").write_text(config)
     assert convert("--src", str(broken), "--dst", str(dst)).returncode == 0

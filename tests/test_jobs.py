@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faults import assert_gone
 
 from converters.jobs.claim import CLAIM_FILE, Destination
 from converters.jobs.errors import ConvertError, Interrupted, WorkerDied, as_convert_error
@@ -66,15 +67,6 @@ def sleep_or_die(pid_dir: str, die: bool, report) -> None:
 
 def full_disk(report) -> None:
     raise OSError(28, "No space left on device", "/data/out/model-00001.safetensors")
-
-
-def assert_gone(pids) -> None:
-    deadline = time.time() + 10
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    while alive and time.time() < deadline:
-        time.sleep(0.1)
-        alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"processes left behind: {alive}"
 
 
 def test_pool_relays_progress_and_finishes():
@@ -137,7 +129,7 @@ def test_sigterm_to_the_parent_stops_and_joins_every_worker(tmp_path):
     assert_gone(workers + descendants)
 
 
-def test_a_worker_outlives_no_parent_killed_by_sigkill(tmp_path):
+def test_no_worker_outlives_a_parent_killed_by_sigkill(tmp_path):
     script = POOL_UNDER_SIGTERM.format(tests=str(REPO / "tests"), pids=str(tmp_path))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL, env=env)

@@ -393,7 +393,7 @@ def test_dead_worker_and_ctrl_c(wide_model, tmp_path, fault):
 def test_disk_full_names_the_bin_and_says_free_space(wide_model, tmpfs):
     from faults import fill, wait_until
 
-    mount_point = tmpfs("160m")  # the output and the free-space margin fit, until the ballast comes
+    mount_point = tmpfs("256m")  # the output (~115 MB) and the free-space margin fit, until the ballast comes
     dst = mount_point / "out"
     process = start_mcore(wide_model["src"], dst)
     wait_until(lambda: (dst / "release" / "__0_0.distcp").exists(), process)

@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_fp8_bf16(args: argparse.Namespace) -> int:
-    from converters.fp8_bf16 import CastOptions, plan_cast, run_cast
+    from converters.fp8_bf16 import run_cast
+    from converters.fp8_plan import CastOptions, plan_cast
     from converters.verify import verify_cast
 
     options = CastOptions(

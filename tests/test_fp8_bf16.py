@@ -20,7 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from converters.fixtures import EXTRA_FILES, dequantised, hf_logits, load_checkpoint, make_fp8_checkpoint
-from converters.fp8_bf16 import CastOptions, plan_cast, run_cast
+from converters.fp8_bf16 import run_cast
+from converters.fp8_plan import CastOptions, plan_cast
 from converters.safety import ConvertError
 
 SCALE_ELSEWHERE = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
@@ -379,12 +380,12 @@ def test_concurrent_runs_identical_refused_other_part_alongside(slow_model, tmp_
     dst = tmp_path / "out"
     source = ["--src", str(slow_model["src"]), "--dst", str(dst)]
     first = start("--quiet", *source, "--shard", "0/2", "--batch-mb", "1", "--max-write-mbps", "0.5")  # ~20 s
-    wait_until(lambda: (dst / ".fp8-bf16" / "part-0-of-2.lock").is_file() and bool(list((dst / ".fp8-bf16").glob("*.tmp"))), first)
+    wait_until(lambda: (dst / ".fp8-bf16" / "claim.json").is_file() and bool(list((dst / ".fp8-bf16").glob("model-*.tmp"))), first)
     before = {p.name for p in (dst / ".fp8-bf16").iterdir()}
     duplicate = convert(*source, "--shard", "0/2")
     assert duplicate.returncode == 2, duplicate.stderr
     assert f"part 0/2 is already being written by pid {first.pid} on host {socket.gethostname()}" in duplicate.stderr
-    assert {p.name for p in (dst / ".fp8-bf16").iterdir()} <= before | {p.name for p in (dst / ".fp8-bf16").glob("*.tmp")}
+    assert {p.name for p in (dst / ".fp8-bf16").iterdir()} <= before | {p.name for p in (dst / ".fp8-bf16").glob("model-*.tmp")}
     other = convert(*source, "--shard", "1/2")
     assert other.returncode == 1, other.stderr  # ran alongside; part 0 is still going
     assert first.wait(timeout=300) == 0, first.stderr.read()

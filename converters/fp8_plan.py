@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from converters.jobs.claim import Destination
+from converters.jobs.options import JobOptions
 from converters.jobs.partition import balance
 from converters.safetensors_io import (
     INDEX_NAME,
@@ -38,13 +39,9 @@ class CastError(ConvertError):
 
 
 @dataclass(frozen=True)
-class CastOptions:
-    drop_mtp: bool = False
+class CastOptions(JobOptions):
     device: str = "auto"
-    workers: int = 1
-    shard_index: int = 0
-    shard_count: int = 1
-    overwrite: bool = False
+    drop_mtp: bool = False
     batch_bytes: int = 512 * 1024 * 1024
     max_write_bytes_per_s: float | None = None  # be gentle with a shared filesystem
 
@@ -98,8 +95,7 @@ class CastPlan:
         return [self.shards[i] for i in owned[self.options.shard_index]]
 
     def destination(self) -> Destination:
-        return Destination(self.dst, self.dst / STATE_DIR, self.identity, self.options.shard_index,
-                           self.options.shard_count, self.options.overwrite)
+        return self.options.destination(self.dst, self.dst / STATE_DIR, self.identity)
 
 
 

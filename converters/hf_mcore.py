@@ -33,6 +33,7 @@ from converters.dist_ckpt import (
 )
 from converters.hf_source import HFCheckpoint, SourceError
 from converters.jobs.claim import Destination
+from converters.jobs.options import JobOptions
 from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
 from converters.mcore_config import ConfigError, mcore_config_kwargs
@@ -41,14 +42,9 @@ from converters.safety import ConvertError, check_free_space, check_paths, resol
 
 
 @dataclass(frozen=True)
-class McoreOptions:
+class McoreOptions(JobOptions):
     spec: str = "te"
     drop_mtp: bool = False
-    device: str = "cpu"
-    workers: int = 1
-    shard_index: int = 0
-    shard_count: int = 1
-    overwrite: bool = False
     bin_bytes: int = BIN_BYTES
     readers: int | None = None  # threads making chunks ahead of the writer, per worker; None: default_readers
 
@@ -69,8 +65,7 @@ class McorePlan:
         return balance(sizes, self.options.shard_count)[self.options.shard_index]
 
     def destination(self) -> Destination:
-        return Destination(self.dst, self.dst / RELEASE_DIR / STATE_DIR, json.loads(self.identity),
-                           self.options.shard_index, self.options.shard_count, self.options.overwrite)
+        return self.options.destination(self.dst, self.dst / RELEASE_DIR / STATE_DIR, json.loads(self.identity))
 
 
 @dataclass

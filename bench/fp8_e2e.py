@@ -120,7 +120,8 @@ def run_one(method: str, src: Path, dst: Path, device: str, workers: int) -> dic
     start = time.perf_counter()
     stages = None
     if method == "ours":
-        from converters.fp8_bf16 import CastOptions, plan_cast, run_cast
+        from converters.fp8_bf16 import run_cast
+        from converters.fp8_plan import CastOptions, plan_cast
 
         summary = run_cast(plan_cast(src, dst, CastOptions(device=device, workers=workers)))
         stages = summary.stage_seconds

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
+from converters.jobs.errors import EXIT_FAILED, as_convert_error, signals_raise
+from converters.jobs.progress import Progress
 from patcher import __version__
 
 DESCRIPTION = "Convert DeepSeek-V3-class checkpoints and data for verl GRPO on Megatron-Core."
@@ -33,12 +36,24 @@ Engine spec (--spec te, production) or the local spec. Give verl the printed rel
 actor_rollout_ref.{actor,ref}.megatron.dist_checkpointing_path. Re-running resumes after a kill.
 """
 
-EXIT_CODES = """\
-exit codes:
-  0  done (or nothing to do: the output is already complete)
-  1  this --shard part is done, other parts are still missing (index not yet written)
-  2  bad input or unsafe request; the message names the file and tensor
-"""
+
+
+def exit_codes(refused: str, part_done: str | None = None) -> str:
+    """The exit-code table of a command's --help (README: "Exit codes")."""
+    lines = ["exit codes:", "  0    done (or nothing to do: the output is already complete)"]
+    if part_done:
+        lines.append(f"  1    {part_done}")
+    lines += [
+        f"  2    {refused}; nothing written",
+        "  3    reading or writing failed (disk full, permission); free space and re-run to resume",
+        "  4    a worker process died (e.g. the out-of-memory killer), or an internal error; re-run to resume",
+        "  130  interrupted by SIGINT (Ctrl-C), 143 by SIGTERM; re-run to resume",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+PARTS_EXIT_CODES = exit_codes("bad input or unsafe request (also: this part is already being written)",
+                              "this --shard part is done, other parts are still missing (index not yet written)")
 
 
 def _shard_spec(text: str) -> tuple[int, int]:
@@ -77,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fp8-bf16",
         help="FP8 block-quantised checkpoint -> BF16 safetensors (exact, resumable)",
         description=FP8_BF16_HELP,
-        epilog=EXIT_CODES + "\nexample:\n  convert fp8-bf16 --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-BF16\n",
+        epilog=PARTS_EXIT_CODES + "\nexample:\n  convert fp8-bf16 --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-BF16\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _paths(cast, "HF dir with model.safetensors.index.json (or model.safetensors)",
@@ -94,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hf-mcore",
         help="HF checkpoint (BF16 or FP8) -> Megatron-Core torch_dist checkpoint, one process, bounded memory",
         description=HF_MCORE_HELP,
-        epilog=EXIT_CODES.replace("this --shard part", "this --shard part of the bins")
+        epilog=PARTS_EXIT_CODES.replace("this --shard part", "this --shard part of the bins")
         + "\nexample:\n  convert hf-mcore --src /models/DeepSeek-V3-0324 --dst /models/DeepSeek-V3-0324-mcore\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -125,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a Megatron-Core torch_dist checkpoint of a DeepSeek-V3-class model to HF "
         "safetensors shards with an index; config.json and tokenizer files come from --hf-config. "
         "Tensors keep their stored dtype; memory stays near the largest tensor.",
-        epilog="exit codes:\n  0  done\n  2  bad input; the message names the file and tensor\n\nexample:\n"
+        epilog=exit_codes("bad input; the message names the file and tensor") + "\nexample:\n"
         "  convert mcore-hf --src ckpt/global_step_100/actor --hf-config /models/DeepSeek-V3-0324 --dst /models/step100-hf\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -140,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "answer, with the last \\boxed{...} of the reference solution as the rule-based ground truth. "
         "Splits come from the file names (train, test). Rows whose solution has no usable box are skipped "
         "and counted (--strict: an error).",
-        epilog="exit codes:\n  0  done\n  2  unreadable input, a row without problem/solution, or (--strict) a row without a box\n\n"
+        epilog=exit_codes("unreadable input, a row without problem/solution, or (--strict) a row without a box") + "\n"
         "example:\n  convert math-lighteval --src dataset/MATH-lighteval --dst data/math\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -151,21 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_factory(quiet: bool, desc: str):
-    def factory(total: int):
-        if quiet:
-            return lambda n: None
-        from tqdm import tqdm
-
-        bar = tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr)
-        return bar.update
-
-    return factory
-
-
 def run_fp8_bf16(args: argparse.Namespace) -> int:
-    from converters.fp8_bf16 import CastOptions, plan_cast, run_cast
-    from converters.safety import ConvertError
+    from converters.fp8_bf16 import run_cast
+    from converters.fp8_plan import CastOptions, plan_cast
     from converters.verify import verify_cast
 
     options = CastOptions(
@@ -178,14 +181,14 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
         batch_bytes=args.batch_mb * 1024 * 1024,
         max_write_bytes_per_s=args.max_write_mbps * 1e6 if args.max_write_mbps else None,
     )
+    plan = plan_cast(args.src, args.dst, options)
+    progress = Progress("fp8->bf16", quiet=args.quiet or args.json)
     try:
-        plan = plan_cast(args.src, args.dst, options)
-        summary = run_cast(plan, _progress_factory(args.quiet or args.json, "fp8->bf16"))
-        if args.verify and summary.finalized:
-            summary.verify = verify_cast(plan)
-    except ConvertError as exc:
-        print(f"convert fp8-bf16: error: {exc}", file=sys.stderr)
-        return 2
+        summary = run_cast(plan, progress.start)
+    finally:
+        progress.close()
+    if args.verify and summary.finalized:
+        summary.verify = verify_cast(plan)
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
@@ -215,7 +218,6 @@ def _alignment(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 def run_hf_mcore(args: argparse.Namespace) -> int:
     from converters.hf_mcore import McoreOptions, plan_conversion, run_conversion
-    from converters.safety import ConvertError
 
     try:
         align_tp, align_etp = _alignment(args)
@@ -235,12 +237,12 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
         align_tp=align_tp,
         align_etp=align_etp,
     )
+    plan = plan_conversion(args.src, args.dst, options)
+    progress = Progress("hf->mcore", quiet=args.quiet or args.json)
     try:
-        plan = plan_conversion(args.src, args.dst, options)
-        summary = run_conversion(plan, _progress_factory(args.quiet or args.json, "hf->mcore"))
-    except ConvertError as exc:
-        print(f"convert hf-mcore: error: {exc}", file=sys.stderr)
-        return 2
+        summary = run_conversion(plan, progress.start)
+    finally:
+        progress.close()
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
@@ -260,13 +262,12 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
 
 def run_mcore_hf(args: argparse.Namespace) -> int:
     from converters.mcore_hf import export_hf
-    from converters.safety import ConvertError
 
+    progress = Progress("mcore->hf", quiet=args.quiet or args.json)
     try:
-        summary = export_hf(args.src, args.hf_config, args.dst, args.overwrite, _progress_factory(args.quiet or args.json, "mcore->hf")(0))
-    except (ConvertError, FileNotFoundError, KeyError) as exc:
-        print(f"convert mcore-hf: error: {exc}", file=sys.stderr)
-        return 2
+        summary = export_hf(args.src, args.hf_config, args.dst, args.overwrite, progress.start)
+    finally:
+        progress.close()
     if args.json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
@@ -277,13 +278,9 @@ def run_mcore_hf(args: argparse.Namespace) -> int:
 def run_math_lighteval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from converters.math_lighteval import DataError, convert
+    from converters.math_lighteval import convert
 
-    try:
-        reports = convert(args.src, args.dst, args.strict)
-    except DataError as exc:
-        print(f"convert math-lighteval: error: {exc}", file=sys.stderr)
-        return 2
+    reports = convert(args.src, args.dst, args.strict)
     if args.json:
         print(json.dumps({split: asdict(report) for split, report in reports.items()}, indent=2))
     else:
@@ -292,17 +289,26 @@ def run_math_lighteval(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"fp8-bf16": run_fp8_bf16, "hf-mcore": run_hf_mcore, "mcore-hf": run_mcore_hf, "math-lighteval": run_math_lighteval}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every expected failure becomes one line on stderr and its exit code."""
     args = build_parser().parse_args(argv)
-    if args.command == "math-lighteval":
-        return run_math_lighteval(args)
-    if args.command == "mcore-hf":
-        return run_mcore_hf(args)
-    if args.command == "fp8-bf16":
-        return run_fp8_bf16(args)
-    if args.command == "hf-mcore":
-        return run_hf_mcore(args)
-    return 2
+    try:
+        with signals_raise():
+            return COMMANDS[args.command](args)
+    except BaseException as exc:  # SystemExit and bugs go on below; the rest is mapped here, once
+        error = as_convert_error(exc)
+        if error is not None:
+            print(f"convert {args.command}: error: {error}", file=sys.stderr)
+            return error.exit_code
+        if isinstance(exc, SystemExit):
+            raise
+        traceback.print_exc()
+        print(f"convert {args.command}: internal error (a bug, please report it with the traceback above); "
+              "finished files are kept, re-run to resume", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

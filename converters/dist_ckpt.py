@@ -10,11 +10,13 @@ last from all of their results.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
 import pickle
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,8 +38,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 
+from atomicio import atomic_write_bytes, fsync_dir
 from converters.mcore_mapping import Chunk, MappingPlan
-from patcher.fsio import atomic_write_bytes, fsync_dir
 
 # What megatron-core reads to recognise a torch_dist checkpoint (all four fields: 0.12 .. 0.19).
 CHECKPOINT_METADATA = {
@@ -267,8 +269,11 @@ class BinWriter:
         plan = SavePlan([piece.item for piece in pieces], storage_data=_StoragePrefix(f"__{index}_"))
         planner = StreamingPlanner(pieces, make_chunk, progress, readers=self.readers, recycle=self.recycle)
         start = time.perf_counter()
-        with planner.prefetching(), _without_zip_crc32():
-            results = writer.write_data(plan, planner).wait()
+        try:
+            with planner.prefetching(), _without_zip_crc32():
+                results = writer.write_data(plan, planner).wait()
+        except RuntimeError as exc:
+            raise _write_failure(self.release / f"__{index}_0.distcp", sum(p.nbytes for p in pieces), exc) from exc
         planner.done_with_last()
         written = time.perf_counter()
         for commit in self.commits:  # at most one bin waits for its fsync while the next is written
@@ -285,6 +290,14 @@ class BinWriter:
             os.close(fd)
         fsync_dir(self.release)
         atomic_write_bytes(_results_path(self.release, index), pickle.dumps(results))
+
+
+def _write_failure(path: Path, nbytes: int, exc: RuntimeError) -> Exception:
+    """torch's zip writer reports a failed write as an assertion ("unexpected pos"), without the errno; when
+    the disk has less room than the bin, a full disk is the cause: say so, as the OSError it was."""
+    if shutil.disk_usage(path.parent).free < nbytes:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return exc
 
 
 def finish_checkpoint(out: Path, metadata: Metadata, bins: int, identity: str) -> Path:
@@ -314,17 +327,3 @@ def is_complete(out: Path, identity: str) -> bool:
     done = release / DONE_FILE
     return (release / ".metadata").is_file() and done.is_file() and done.read_text() == identity
 
-
-def prepare_release(out: Path, identity: str, overwrite: bool) -> Path:
-    """Create OUT/release/ with our state dir; refuse an unrelated non-empty OUT."""
-    release = out / RELEASE_DIR
-    state = release / STATE_DIR / "identity.json"
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        if not state.is_file() or state.read_text() != identity:
-            raise FileExistsError(
-                f"--dst {out} is not empty and holds no interrupted conversion of this source with these options; "
-                "choose an empty directory or pass --overwrite"
-            )
-    (release / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(state, identity.encode())
-    return release

@@ -8,7 +8,6 @@ The result loads at any TP/PP/EP with megatron-core's `dist_checkpointing.load`.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from converters.dist_ckpt import (
     BIN_BYTES,
     PREFETCH_BYTES,
     RELEASE_DIR,
+    STATE_DIR,
     BinWriter,
     Piece,
     bin_done,
@@ -30,9 +30,12 @@ from converters.dist_ckpt import (
     is_complete,
     make_bins,
     plan_pieces,
-    prepare_release,
 )
 from converters.hf_source import HFCheckpoint, SourceError
+from converters.jobs.claim import Destination
+from converters.jobs.options import JobOptions
+from converters.jobs.partition import balance
+from converters.jobs.pool import run_workers
 from converters.mcore_config import ConfigError, mcore_config_kwargs
 from converters.mcore_mapping import Chunk, MappingError, check_shapes, plan_mapping
 from converters.safety import ConvertError, check_free_space, check_paths, resolve_device
@@ -40,14 +43,9 @@ from converters.tp_layout import BoxReader, LayoutError, align_mapping
 
 
 @dataclass(frozen=True)
-class McoreOptions:
+class McoreOptions(JobOptions):
     spec: str = "te"
     drop_mtp: bool = False
-    device: str = "cpu"
-    workers: int = 1
-    shard_index: int = 0
-    shard_count: int = 1
-    overwrite: bool = False
     bin_bytes: int = BIN_BYTES
     readers: int | None = None  # threads making chunks ahead of the writer, per worker; None: default_readers
     align_tp: int | None = None  # chunks cut at the TP slices a rank asks for (None: every tensor at its global chunks)
@@ -74,7 +72,11 @@ class McorePlan:
     objects: int
 
     def my_bins(self) -> list[int]:
-        return [i for i in range(len(self.bins)) if i % self.options.shard_count == self.options.shard_index]
+        sizes = [sum(piece.nbytes for piece in pieces) for pieces in self.bins]
+        return balance(sizes, self.options.shard_count)[self.options.shard_index]
+
+    def destination(self) -> Destination:
+        return self.options.destination(self.dst, self.dst / RELEASE_DIR / STATE_DIR, json.loads(self.identity))
 
 
 @dataclass
@@ -163,16 +165,12 @@ def _open(src: Path, release: Path, device: str, readers: int) -> tuple[BinWrite
     return BinWriter(release, readers, buffers.give), _chunk_reader(source, buffers)
 
 
-def _worker(src: str, release: str, bins: list[tuple[int, list[Piece]]], device: str, readers: int, events) -> None:
-    try:
-        writer, make_chunk = _open(Path(src), Path(release), device, readers)
-        with writer:
-            for index, pieces in bins:
-                writer.write(index, pieces, make_chunk, lambda n: events.put(("bytes", n)))
-    except BaseException as exc:  # reported to the parent, which raises it
-        events.put(("error", f"{type(exc).__name__}: {exc}"))
-        raise SystemExit(1) from exc
-    events.put(("done", None))
+def _write_bins(src: str, release: str, bins: list[tuple[int, list[Piece]]], device: str, readers: int, report) -> None:
+    """A worker process's share of the bins."""
+    writer, make_chunk = _open(Path(src), Path(release), device, readers)
+    with writer:
+        for index, pieces in bins:
+            writer.write(index, pieces, make_chunk, report)
 
 
 def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
@@ -187,17 +185,28 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
         summary.finalized = True
         summary.notes.append("already complete: nothing to do")
         return summary
-    try:
-        prepare_release(plan.dst, plan.identity, plan.options.overwrite)
-    except FileExistsError as exc:
-        raise ConvertError(str(exc)) from exc
+    destination = plan.destination()
+    destination.check()
     pending = [i for i in plan.my_bins() if not bin_done(release, i)]
     summary.bins_skipped = len(plan.my_bins()) - len(pending)
     needed = sum(piece.nbytes for i in pending for piece in plan.bins[i])
     check_free_space(plan.dst, needed, f"{len(pending)} bin(s)")
-    progress = (progress_factory or (lambda total: lambda n: None))(needed)
     device = str(resolve_device(plan.options.device))
     readers = summary.readers = plan.options.readers or default_readers(device, plan.options.workers)
+    with destination.claim():
+        _write_pending(plan, release, pending, device, readers, progress_factory, summary)
+        summary.bytes_out = needed
+        if all(bin_done(release, i) for i in range(len(plan.bins))):
+            finish_checkpoint(plan.dst, plan.metadata, len(plan.bins), plan.identity)
+            summary.finalized = True
+    summary.seconds = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def _write_pending(plan: McorePlan, release: Path, pending: list[int], device: str, readers: int, progress_factory,
+                   summary: McoreSummary) -> None:
+    needed = sum(piece.nbytes for i in pending for piece in plan.bins[i])
+    progress = (progress_factory or (lambda total: lambda n: None))(needed)
     try:
         if plan.options.workers > 1 and len(pending) > 1:
             _run_workers(plan, release, pending, device, readers, progress)
@@ -210,33 +219,12 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
     except (SourceError, ValueError) as exc:
         raise ConvertError(str(exc)) from exc
     summary.bins_written = len(pending)
-    summary.bytes_out = needed
-    if all(bin_done(release, i) for i in range(len(plan.bins))):
-        finish_checkpoint(plan.dst, plan.metadata, len(plan.bins), plan.identity)
-        summary.finalized = True
-    summary.seconds = round(time.perf_counter() - start, 3)
-    return summary
 
 
 def _run_workers(plan: McorePlan, release: Path, pending: list[int], device: str, readers: int, progress) -> None:
     workers = min(plan.options.workers, len(pending))
-    assignment = [[(i, plan.bins[i]) for i in pending[w::workers]] for w in range(workers)]
-    context = multiprocessing.get_context("spawn")
-    events = context.Queue()
-    processes = [context.Process(target=_worker, args=(str(plan.src), str(release), bins, device, readers, events), daemon=True) for bins in assignment]
-    for process in processes:
-        process.start()
-    finished, errors = 0, []
-    while finished < len(processes):
-        kind, value = events.get()
-        if kind == "bytes":
-            progress(value)
-        else:
-            finished += 1
-            if kind == "error":
-                errors.append(value)
-    for process in processes:
-        process.join()
-    if errors:
-        raise ConvertError("; ".join(errors))
+    groups = balance([sum(piece.nbytes for piece in plan.bins[i]) for i in pending], workers)
+    assignment = [[(pending[i], plan.bins[pending[i]]) for i in group] for group in groups]
+    run_workers(_write_bins, [(str(plan.src), str(release), bins, device, readers) for bins in assignment], progress,
+                [f"worker {w + 1} ({device}, {len(bins)} bin(s))" for w, bins in enumerate(assignment)])
 

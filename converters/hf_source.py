@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from converters.buffers import BufferPool
+from converters.jobs.errors import ConvertError
 from converters.safetensors_io import DTYPES, SafetensorsError, TensorInfo, load_index, read_header, read_tensor
+from converters.safety import read_config
 from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks
 
 SCALE_SUFFIX = "_scale_inv"
@@ -21,7 +22,7 @@ def row_range(info: TensorInfo, start: int, stop: int) -> TensorInfo:
     return TensorInfo(info.name, info.dtype, (stop - start, *info.shape[1:]), info.start + start * row_bytes, info.start + stop * row_bytes)
 
 
-class SourceError(ValueError):
+class SourceError(ConvertError, ValueError):
     """The HF checkpoint cannot give what was asked; the message names the file and tensor."""
 
 
@@ -31,13 +32,7 @@ class HFCheckpoint:
     def __init__(self, path: Path, device: torch.device | str = "cpu") -> None:
         self.path = Path(path)
         self.device = torch.device(device)
-        config_path = self.path / "config.json"
-        try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text())
-        except FileNotFoundError as exc:
-            raise SourceError(f"{config_path}: missing; a HF model dir holds config.json") from exc
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{config_path}: malformed JSON at line {exc.lineno}: {exc.msg}") from exc
+        self.config: dict[str, Any] = read_config(self.path / "config.json")[1]
         try:
             self.weight_map, _ = load_index(self.path)
             self.headers = {name: read_header(self.path / name) for name in sorted(set(self.weight_map.values()))}

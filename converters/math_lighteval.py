@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converters.jobs.errors import ConvertError
+
 DATA_SOURCE = "DigitalLearningGmbH/MATH-lighteval"
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 COLUMNS = ("problem", "level", "type", "solution")
@@ -19,7 +21,7 @@ SPLITS = ("train", "test")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
-class DataError(ValueError):
+class DataError(ConvertError, ValueError):
     """The input cannot be read as MATH-lighteval; the message names the file, row and column."""
 
 
@@ -36,9 +38,12 @@ def last_boxed(solution: str) -> str | None:
 
 
 def _box_content(text: str, position: int) -> str | None:
-    if text.startswith(" ", position):  # "\boxed 5$": up to the closing dollar sign, as verl reads it
-        return text[position + 1 :].split("$")[0].strip() or None
-    if not text.startswith("{", position):
+    after_space = len(text) - len(text[position:].lstrip())
+    if text.startswith("{", after_space):  # "\boxed {6}": TeX ignores the space, so the braces still delimit
+        position = after_space
+    elif after_space > position:  # "\boxed 5$": up to the closing dollar sign, as verl reads it
+        return text[after_space:].split("$")[0].strip() or None
+    else:
         return None
     depth = 0
     for index in range(position, len(text)):
@@ -149,7 +154,7 @@ def convert(src: Path, dst: Path, strict: bool = False) -> dict[str, SplitReport
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from patcher.fsio import atomic_write_bytes
+    from atomicio import atomic_write_bytes
 
     reports: dict[str, SplitReport] = {}
     outputs: dict[str, bytes] = {}

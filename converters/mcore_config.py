@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from converters.jobs.errors import ConvertError
+
 # megatron-core field <- HF config key, read top to bottom
 CONFIG_MAPPING: dict[str, str] = {
     "num_layers": "num_hidden_layers",
@@ -53,7 +55,7 @@ FIXED: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(ConvertError, ValueError):
     """config.json lacks what a DeepSeek-V3-class conversion needs; the message names the key."""
 
 

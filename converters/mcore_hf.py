@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
+from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
 from converters.mcore_config import moe_layer_freq
 from converters.mcore_mapping import MTP_DUPLICATES, plan_mapping
 from converters.safetensors_io import (
@@ -30,8 +29,7 @@ from converters.safetensors_io import (
     order_for_writing,
     tensor_bytes,
 )
-from converters.safety import ConvertError, check_free_space, check_paths
-from patcher.fsio import atomic_write_bytes, fsync_dir
+from converters.safety import ConvertError, check_free_space, check_paths, check_readable, read_config
 from patcher.hf_config import ConfigEdit
 
 SHARD_BYTES = 5 * 1000**3
@@ -177,7 +175,7 @@ class ExportSummary:
         return asdict(self)
 
 
-def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False, progress=lambda n: None) -> ExportSummary:
+def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False, progress_factory=None) -> ExportSummary:
     """Write HF safetensors shards + index + config (and the config dir's tokenizer files) from mcore."""
     start = time.perf_counter()
     src, hf_config_dir, dst = Path(src), Path(hf_config_dir), Path(dst)
@@ -186,11 +184,13 @@ def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False
     check_paths(src, dst)
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ConvertError(f"--dst {dst} is not empty; choose an empty directory or pass --overwrite")
-    config_text = (hf_config_dir / "config.json").read_text()
-    config = json.loads(config_text)
+    config_text, config = read_config(hf_config_dir / "config.json")
     checkpoint = DistCheckpoint(src)
     keys = set(checkpoint.metadata.state_dict_metadata)
-    regions = hf_regions(config, keys)
+    try:
+        regions = hf_regions(config, keys)
+    except KeyError as exc:
+        raise ConvertError(f"{hf_config_dir / 'config.json'}: lacks {exc}") from exc
     missing = sorted({r.key for rs in regions.values() for r in rs} - keys)
     if missing:
         raise ConvertError(f"{src}: {len(missing)} tensor(s) the model needs are missing: {', '.join(missing[:8])}")
@@ -200,16 +200,19 @@ def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False
     }
     shards = _assign_shards(list(tensors.values()))
     total = sum(t.nbytes for t in tensors.values())
-    check_free_space(dst, total, f"{len(tensors)} tensors")
+    copies = [path for path in sorted(hf_config_dir.iterdir())
+              if not path.is_dir() and path.name not in _SKIP_FROM_CONFIG_DIR and not path.name.endswith(".safetensors")]
+    check_readable(copies)
+    check_free_space(dst, total + sum(path.stat().st_size for path in copies), f"{len(tensors)} tensors")
+    progress = (progress_factory or (lambda total: lambda n: None))(total)
     dst.mkdir(parents=True, exist_ok=True)
     weight_map = {}
     for index, group in enumerate(shards):
         name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
         _write_shard(dst / name, group, regions, checkpoint, progress)
         weight_map.update(dict.fromkeys((t.name for t in group), name))
-    for path in sorted(hf_config_dir.iterdir()):
-        if path.is_file() and path.name not in _SKIP_FROM_CONFIG_DIR and not path.name.endswith(".safetensors"):
-            shutil.copy2(path, dst / path.name)
+    for path in copies:
+        atomic_copy(path, dst / path.name)
     edit = ConfigEdit(drop_quantization=True, disable_mtp=not any(k.startswith("mtp.") for k in keys), dtype="bfloat16")
     atomic_write_bytes(dst / "config.json", edit.apply(config_text).encode())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -239,19 +242,10 @@ def _assign_shards(tensors: list[OutputTensor]) -> list[list[OutputTensor]]:
 
 def _write_shard(path: Path, group: list[OutputTensor], regions, checkpoint: DistCheckpoint, progress) -> None:
     ordered = order_for_writing(group)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(encode_header(ordered))
-            for tensor in ordered:
-                parts = [checkpoint.read(region) for region in regions[tensor.name]]
-                data = torch.cat(parts) if len(parts) > 1 else parts[0]
-                handle.write(tensor_bytes(data.reshape(tensor.shape)))
-                progress(tensor.nbytes)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with AtomicFile(path) as target:
+        target.write(encode_header(ordered))
+        for tensor in ordered:
+            parts = [checkpoint.read(region) for region in regions[tensor.name]]
+            data = torch.cat(parts) if len(parts) > 1 else parts[0]
+            target.write(tensor_bytes(data.reshape(tensor.shape)))
+            progress(tensor.nbytes)

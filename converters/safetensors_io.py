@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from converters.jobs.errors import ConvertError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -31,7 +33,7 @@ SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(ConvertError, ValueError):
     """A shard or index that cannot be read as promised; the message names the file and tensor."""
 
 

@@ -1,17 +1,19 @@
-"""Checks every converter runs before writing anything: where it writes, and whether it fits."""
+"""Checks every converter runs before writing anything: where it writes, whether it fits, what it reads."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from converters.jobs.errors import ConvertError
+from patcher.hf_config import ConfigFormatError, top_level_members
+
 SPACE_MARGIN = 64 * 1024 * 1024
-
-
-class ConvertError(Exception):
-    """An expected failure (bad input, unsafe request); the message says what and what to do."""
 
 
 def check_paths(src: Path, dst: Path) -> None:
@@ -36,6 +38,39 @@ def check_free_space(dst: Path, needed: int, what: str) -> None:
             f"not enough space on {dst}: {(needed + SPACE_MARGIN) / 1e9:.2f} GB needed for {what}, "
             f"{free / 1e9:.2f} GB free; free space or choose another --dst"
         )
+
+
+def check_readable(paths: Iterable[Path]) -> None:
+    """Refuse, listing every one, files that cannot be opened and read (a broken link, no permission)."""
+    problems = []
+    for path in paths:
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror or exc}")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ConvertError(f"{len(problems)} file(s) to copy cannot be read, nothing written:\n  {shown}")
+
+
+def read_config(path: Path, needed: Iterable[str] = ()) -> tuple[str, dict[str, Any]]:
+    """config.json as text and as a JSON object holding the `needed` keys; anything else is refused."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConvertError(f"{path}: missing; a HF model dir holds config.json") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"{path}: cannot be read ({exc})") from exc
+    try:
+        top_level_members(text)  # the JSON-object check patcher makes before it edits a config
+    except ConfigFormatError as exc:
+        raise ConvertError(f"{path}: {exc}") from exc
+    config = json.loads(text)
+    missing = [key for key in needed if key not in config]
+    if missing:
+        raise ConvertError(f"{path}: lacks {', '.join(missing)}")
+    return text, config
 
 
 def resolve_device(device: str) -> torch.device:

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from converters.fp8_bf16 import CastError, CastPlan, TensorJob
+from converters.fp8_plan import CastError, CastPlan, TensorJob
 from converters.hf_source import row_range
 from converters.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
 from kernels.fp8 import dequant_fp8_blocks

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from patcher import __version__
-from patcher.fsio import ReadOnlyTargetError
 from patcher.patches import MegatronTree, PatchError, Status, resolve
 from patcher.stack import tree_advice
 
@@ -125,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             outcome = patch.apply(dry_run=args.dry_run)
         else:
             outcome = patch.revert(dry_run=args.dry_run, force=args.force)
-    except (PatchError, ReadOnlyTargetError) as exc:
+    except (PatchError, OSError) as exc:
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.filename:
+            message = f"cannot write {exc.filename} ({exc.strerror}); make the directory writable or work on a copy"
         if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "exit_code": 2}))
+            print(json.dumps({"error": message, "exit_code": 2}))
         else:
-            print(f"patcher: error: {exc}", file=sys.stderr)
+            print(f"patcher: error: {message}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"path": outcome.path, "changed": outcome.changed, "message": outcome.message, "diff": outcome.diff}, indent=2))

@@ -14,14 +14,15 @@ import difflib
 import importlib.util
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from atomicio import atomic_write_bytes, fsync_dir
 from patcher import megatron_spec, mla_rope_grad, te_export_flag
 from patcher.cst_util import SourceParseError
-from patcher.fsio import atomic_write_bytes, ensure_writable, fsync_dir
 from patcher.hf_config import ConfigEdit, ConfigFormatError, top_level_members
 
 SPEC_RELATIVE = Path("core/models/gpt/gpt_layer_specs.py")
@@ -51,6 +52,22 @@ FP8_MESSAGE = "this checkpoint is FP8; run `convert fp8-bf16` first"
 
 class PatchError(Exception):
     """An expected failure: bad target, unsupported file, refused revert. Exit code 2."""
+
+
+class ReadOnlyTargetError(PatchError):
+    """The file to patch has no write bit; the message says what to do."""
+
+
+def ensure_writable(path: Path) -> None:
+    """Refuse a file whose mode has no write bit, even for root, before anything is written.
+
+    A symlink passes: an atomic write replaces the link itself and never writes its target.
+    """
+    if not path.is_symlink() and path.exists() and not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise ReadOnlyTargetError(
+            f"{path} is read-only (mode {stat.S_IMODE(path.stat().st_mode):o}); "
+            f"make it writable (chmod u+w '{path}') or patch a copy of it"
+        )
 
 
 @dataclass

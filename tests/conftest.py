@@ -55,3 +55,22 @@ def mcore_release(tmp_path_factory):
         return target
 
     return extract
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """SIZE -> a fresh tmpfs of that size (needs the right to mount: skipped with the reason otherwise)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        mount_point = tmp_path / f"tmpfs-{len(mounted)}"
+        mount_point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -6,18 +6,22 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from faults import assert_gone, fill, spawned_workers, wait_until
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from converters.fixtures import EXTRA_FILES, dequantised, hf_logits, load_checkpoint, make_fp8_checkpoint
-from converters.fp8_bf16 import CastOptions, plan_cast, run_cast
+from converters.fp8_bf16 import run_cast
+from converters.fp8_plan import CastOptions, plan_cast
 from converters.safety import ConvertError
 
 SCALE_ELSEWHERE = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
@@ -271,3 +275,139 @@ def test_help_and_bad_arguments():
     assert result.returncode == 0 and "--drop-mtp" in result.stdout and "exit codes" in result.stdout
     result = convert("--src", "a", "--dst", "b", "--shard", "3/2")
     assert result.returncode == 2 and "0 <= I < N" in result.stderr
+
+
+# Faults, as a user meets them: each asserts the exit code, the message, that no process is left
+# behind, and that re-running the same command ends byte-identical to an uninterrupted run.
+
+SLOW = ["--batch-mb", "1", "--max-write-mbps", "3"]
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("faults")
+    make_fp8_checkpoint(root / "src", shards=6, overrides={"num_hidden_layers": 6, "n_routed_experts": 16})
+    assert convert("--src", str(root / "src"), "--dst", str(root / "reference")).returncode == 0
+    return {"src": root / "src", "reference": root / "reference"}
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "converters.cli", "fp8-bf16", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def resume_and_compare(slow_model, dst: Path) -> None:
+    result = convert("--src", str(slow_model["src"]), "--dst", str(dst))
+    assert result.returncode == 0, result.stderr
+    assert snapshot(dst) == snapshot(slow_model["reference"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill-9-worker", "sigterm-parent"])
+def test_workers_under_kill_and_sigterm(slow_model, tmp_path, fault):
+    dst = tmp_path / "out"
+    process = start("--quiet", "--src", str(slow_model["src"]), "--dst", str(dst), "--workers", "2", "--device", "cpu", *SLOW)
+    wait_until(lambda: len(spawned_workers(process.pid)) == 2 and len(list((dst / ".fp8-bf16").glob("model-*.tmp"))) == 2, process)
+    workers = spawned_workers(process.pid)
+    everyone = [p.pid for p in psutil.Process(process.pid).children(recursive=True)]
+    if fault == "kill-9-worker":
+        os.kill(workers[0].pid, signal.SIGKILL)
+    else:
+        process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=60)
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr
+    if fault == "kill-9-worker":
+        assert code == 4, stderr
+        assert f"(pid {workers[0].pid}) was killed by SIGKILL" in stderr and "re-run" in stderr
+    else:
+        assert code == 143, stderr
+        assert "interrupted by SIGTERM" in stderr and "re-run the same command to resume" in stderr
+        assert not list((dst / ".fp8-bf16").glob("*.tmp"))  # the workers removed their unfinished shards
+    assert_gone(everyone)
+    assert not (dst / "model.safetensors.index.json").exists()
+    resume_and_compare(slow_model, dst)
+
+
+@pytest.mark.slow
+def test_disk_full_exits_3_naming_the_file_and_resumes(slow_model, tmpfs):
+    small_tmpfs = tmpfs("96m")  # room for the output and the free-space margin, until the ballast comes
+    dst = small_tmpfs / "out"
+    process = start("--quiet", "--src", str(slow_model["src"]), "--dst", str(dst), *SLOW)
+    wait_until(lambda: bool(list((dst / ".fp8-bf16").glob("model-*.tmp"))), process)
+    ballast = fill(small_tmpfs)  # the disk fills up after the free-space check passed
+    code = process.wait(timeout=120)
+    stderr = process.stderr.read()
+    assert code == 3, stderr
+    assert "Traceback" not in stderr and "No space left on device" in stderr
+    assert f"{dst}/model-0000" in stderr and "free space and re-run to resume" in stderr
+    assert not list((dst / ".fp8-bf16").glob("*.tmp"))
+    ballast.unlink()
+    resume_and_compare(slow_model, dst)
+
+
+def test_refused_preflight_leaves_the_destination_as_it_was(fp8_model, tmpfs):
+    small_tmpfs = tmpfs("8m")  # less than the output plus the margin
+    dst = small_tmpfs / "out"
+    for extra in ((), ("--drop-mtp",)):  # the retry is refused for space again, not as "another conversion"
+        result = convert("--src", str(fp8_model), "--dst", str(dst), *extra)
+        assert result.returncode == 2 and "not enough space" in result.stderr, result.stderr
+        assert not dst.exists() and [p.name for p in small_tmpfs.iterdir()] == []
+    dst.mkdir()
+    assert convert("--src", str(fp8_model), "--dst", str(dst)).returncode == 2
+    assert list(dst.iterdir()) == []
+
+
+def test_unreadable_files_and_bad_config_are_refused_before_writing(broken, tmp_path, converted):
+    dst = tmp_path / "out"
+    (broken / "tokenizer_extra.json").symlink_to(broken / "nowhere.json")
+    result = convert("--src", str(broken), "--dst", str(dst))
+    assert result.returncode == 2 and "tokenizer_extra.json" in result.stderr and "cannot be read" in result.stderr
+    assert not dst.exists()
+    (broken / "tokenizer_extra.json").unlink()
+    config = (broken / "config.json").read_text()
+    (broken / "config.json").write_text("[1, 2]")
+    result = convert("--src", str(broken), "--dst", str(dst))
+    assert result.returncode == 2 and "config.json: the top level is a list, not an object" in result.stderr
+    assert "Traceback" not in result.stderr and not dst.exists()
+    (broken / "config.json").write_text(config)
+    assert convert("--src", str(broken), "--dst", str(dst)).returncode == 0
+    assert snapshot(dst) == snapshot(converted)
+
+
+@pytest.mark.slow
+def test_concurrent_runs_identical_refused_other_part_alongside(slow_model, tmp_path):
+    dst = tmp_path / "out"
+    source = ["--src", str(slow_model["src"]), "--dst", str(dst)]
+    first = start("--quiet", *source, "--shard", "0/2", "--batch-mb", "1", "--max-write-mbps", "0.5")  # ~20 s
+    wait_until(lambda: (dst / ".fp8-bf16" / "claim.json").is_file() and bool(list((dst / ".fp8-bf16").glob("model-*.tmp"))), first)
+    before = {p.name for p in (dst / ".fp8-bf16").iterdir()}
+    duplicate = convert(*source, "--shard", "0/2")
+    assert duplicate.returncode == 2, duplicate.stderr
+    assert f"part 0/2 is already being written by pid {first.pid} on host {socket.gethostname()}" in duplicate.stderr
+    assert {p.name for p in (dst / ".fp8-bf16").iterdir()} <= before | {p.name for p in (dst / ".fp8-bf16").glob("model-*.tmp")}
+    other = convert(*source, "--shard", "1/2")
+    assert other.returncode == 1, other.stderr  # ran alongside; part 0 is still going
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert snapshot(dst) == snapshot(slow_model["reference"])
+
+
+def test_mismatched_shard_counts_are_refused(fp8_model, converted, tmp_path):
+    dst = tmp_path / "parts"
+    assert convert("--src", str(fp8_model), "--dst", str(dst), "--shard", "0/2").returncode == 1
+    before = snapshot(dst)
+    result = convert("--src", str(fp8_model), "--dst", str(dst), "--shard", "1/3")
+    assert result.returncode == 2
+    assert "converted in 2 parts (--shard I/2) but this run says --shard 1/3" in result.stderr
+    assert snapshot(dst) == before
+    assert convert("--src", str(fp8_model), "--dst", str(dst), "--shard", "1/2").returncode == 0
+    assert snapshot(dst) == snapshot(converted)
+
+
+def test_progress_in_a_log_file_has_no_carriage_returns(fp8_model, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "converters.cli", "fp8-bf16", "--src", str(fp8_model), "--dst", str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fp8->bf16: ")]
+    assert len(lines) >= 5 and "(100%)" in lines[-1] and "MB/s" in lines[-1]

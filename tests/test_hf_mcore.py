@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -332,3 +333,90 @@ def test_default_readers_follow_the_device_and_the_cores(monkeypatch):
         monkeypatch.setattr(hf_mcore.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert hf_mcore.default_readers("cpu", workers) == expected, (cores, workers)
         assert hf_mcore.default_readers("cuda", workers) == 1
+
+
+# Faults: exit code, message, no process left behind, and a resumed result identical to an uninterrupted one.
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf-mcore-faults")
+    overrides = {"hidden_size": 512, "n_routed_experts": 32, "moe_intermediate_size": 256, "num_hidden_layers": 4}
+    make_fp8_checkpoint(root / "src", overrides=overrides, shards=3)
+    return {"src": root / "src", "reference": to_mcore(root / "src", root / "reference", "--bin-mb", "1")}
+
+
+def assert_resumes_identically(wide_model, dst: Path) -> None:
+    resumed = convert("hf-mcore", "--src", str(wide_model["src"]), "--dst", str(dst), "--bin-mb", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    for path in wide_model["reference"].iterdir():
+        if path.name not in (".metadata", dist_ckpt.DONE_FILE):  # these record the output path
+            assert (dst / "release" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def start_mcore(src: Path, dst: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(src), "--dst", str(dst), "--bin-mb", "1", "--quiet", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill-9-worker", "sigint"])
+def test_dead_worker_and_ctrl_c(wide_model, tmp_path, fault):
+    import signal
+
+    import psutil
+    from faults import assert_gone, spawned_workers, wait_until
+
+    dst = tmp_path / "out"
+    workers = ("--workers", "2") if fault == "kill-9-worker" else ()
+    process = start_mcore(wide_model["src"], dst, *workers)
+    state = dst / "release" / dist_ckpt.STATE_DIR
+    wait_until(lambda: (not workers or len(spawned_workers(process.pid)) == 2) and len(list(state.glob("bin_*.results"))) >= 1, process)
+    everyone = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+    if fault == "kill-9-worker":
+        victim = spawned_workers(process.pid)[0].pid
+        os.kill(victim, signal.SIGKILL)
+    else:
+        process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=60)
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr, stderr
+    if fault == "kill-9-worker":
+        assert code == 4 and f"(pid {victim}) was killed by SIGKILL" in stderr, stderr
+    else:
+        assert code == 130 and "interrupted by SIGINT" in stderr and "re-run the same command to resume" in stderr, stderr
+    assert_gone(everyone)
+    assert not (dst / "release" / ".metadata").exists()
+    assert_resumes_identically(wide_model, dst)
+
+
+@pytest.mark.slow
+def test_disk_full_names_the_bin_and_says_free_space(wide_model, tmpfs):
+    from faults import fill, wait_until
+
+    mount_point = tmpfs("256m")  # the output (~115 MB) and the free-space margin fit, until the ballast comes
+    dst = mount_point / "out"
+    process = start_mcore(wide_model["src"], dst)
+    wait_until(lambda: (dst / "release" / "__0_0.distcp").exists(), process)
+    ballast = fill(mount_point)
+    code = process.wait(timeout=120)
+    stderr = process.stderr.read()
+    assert code == 3 and "Traceback" not in stderr, stderr
+    assert "No space left on device" in stderr and f"{dst}/release/__" in stderr and "free space and re-run to resume" in stderr
+    ballast.unlink()
+    assert_resumes_identically(wide_model, dst)
+
+
+def test_duplicate_run_and_bad_config_are_refused(models, tmp_path):
+    from converters.jobs.claim import Destination
+
+    dst = tmp_path / "out"
+    plan = plan_conversion(models["fp8"], dst, McoreOptions())
+    destination: Destination = plan.destination()
+    with destination.claim():  # as a run in progress holds it
+        result = convert("hf-mcore", "--src", str(models["fp8"]), "--dst", str(dst))
+        assert result.returncode == 2 and f"part 0/1 is already being written by pid {os.getpid()}" in result.stderr
+    copy = broken_copy(models, tmp_path)
+    (copy / "config.json").write_text('"DeepSeek-V3"')
+    result = convert("hf-mcore", "--src", str(copy), "--dst", str(tmp_path / "other"))
+    assert result.returncode == 2 and "the top level is a str, not an object" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "other").exists()

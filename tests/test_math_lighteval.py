@@ -94,6 +94,8 @@ def test_bad_inputs(tmp_path):
         ("\\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),
         ("\\boxed{1} then \\boxed{\\{x\\}}", "\\{x\\}"),
         ("\\boxed 7$", "7"),
+        ("$\\boxed {6}$", "6"),
+        ("\\boxed\n{\\frac{1}{2}}", "\\frac{1}{2}"),
         ("\\fbox{9}", "9"),
         ("no box", None),
         ("\\boxed{}", None),
@@ -102,3 +104,18 @@ def test_bad_inputs(tmp_path):
 )
 def test_last_boxed(solution, answer):
     assert last_boxed(solution) == answer
+
+
+def test_space_before_the_brace_gives_the_bare_answer_verl_scores_correct(tmp_path):
+    scorer = pytest.importorskip("verl.utils.reward_score")
+    (tmp_path / "in").mkdir()
+    row = {"problem": "What is $2+4$?", "level": "Level 1", "type": "Algebra", "solution": "$2+4=\\boxed {6}$."}
+    (tmp_path / "in" / "train.jsonl").write_text(json.dumps(row) + "\n")
+    result = run("--src", str(tmp_path / "in"), "--dst", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    [written] = pq.read_table(tmp_path / "out" / "train.parquet").to_pylist()
+    truth = written["reward_model"]["ground_truth"]
+    assert truth == "6"
+    for answer, expected in (("The sum is $\\boxed{6}$.", 1.0), ("The sum is $\\boxed{7}$.", 0.0)):
+        score = scorer.default_compute_score(written["data_source"], answer, truth)
+        assert float(score if not isinstance(score, dict) else score["score"]) == expected, answer

@@ -1,0 +1,230 @@
+"""Plan of `convert fp8-bf16`: every header read and checked, every scale found, before anything is written.
+
+The plan names each output shard, its exact header bytes and how each tensor is made (copied, or
+dequantised from a weight and its scale), the files copied as they are, and the output config.json.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from converters.jobs.claim import Destination
+from converters.jobs.options import JobOptions
+from converters.jobs.partition import balance
+from converters.safetensors_io import (
+    INDEX_NAME,
+    OutputTensor,
+    SafetensorsError,
+    ShardHeader,
+    TensorInfo,
+    encode_header,
+    load_index,
+    order_for_writing,
+    read_header,
+)
+from converters.safety import ConvertError, read_config
+from kernels.fp8 import DEFAULT_BLOCK, scale_shape
+from patcher.hf_config import ConfigEdit, ConfigFormatError
+
+STATE_DIR = ".fp8-bf16"
+SCALE_SUFFIX = "_scale_inv"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_SKIP_DIRS = {".git", ".cache", STATE_DIR}
+
+
+class CastError(ConvertError):
+    """An expected failure of the FP8 cast; the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class CastOptions(JobOptions):
+    device: str = "auto"
+    drop_mtp: bool = False
+    batch_bytes: int = 512 * 1024 * 1024
+    max_write_bytes_per_s: float | None = None  # be gentle with a shared filesystem
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """How one output tensor is made: copied, or dequantised from a weight and its scale."""
+
+    output: OutputTensor
+    source: TensorInfo
+    source_path: Path
+    scale: TensorInfo | None = None
+    scale_path: Path | None = None
+
+    @property
+    def input_bytes(self) -> int:
+        return self.source.nbytes + (self.scale.nbytes if self.scale else 0)
+
+
+@dataclass
+class ShardJob:
+    name: str
+    jobs: list[TensorJob]
+    header: bytes
+
+    @property
+    def output_size(self) -> int:
+        return len(self.header) + sum(job.output.nbytes for job in self.jobs)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(job.input_bytes for job in self.jobs)
+
+
+@dataclass
+class CastPlan:
+    src: Path
+    dst: Path
+    shards: list[ShardJob]
+    block: tuple[int, int]
+    has_index: bool
+    index_metadata: dict[str, object]
+    config_out: str | None  # the output's config.json, made (and so checked) while planning
+    copies: list[Path]  # other files of the source, relative to it, copied as they are
+    options: CastOptions
+    identity: dict[str, object] = field(default_factory=dict)
+
+    def my_shards(self) -> list[ShardJob]:
+        """This machine's part under --shard I/N."""
+        owned = balance([shard.output_size for shard in self.shards], self.options.shard_count)
+        return [self.shards[i] for i in owned[self.options.shard_index]]
+
+    def destination(self) -> Destination:
+        return self.options.destination(self.dst, self.dst / STATE_DIR, self.identity)
+
+
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _block_size(config: dict[str, object], path: Path) -> tuple[int, int]:
+    quantization = config.get("quantization_config") or {}
+    block = quantization.get("weight_block_size", DEFAULT_BLOCK) if isinstance(quantization, dict) else DEFAULT_BLOCK
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CastError(f"{path}: quantization_config.weight_block_size is {block!r}, expected two positive integers such as [128, 128]")
+    return (block[0], block[1])
+
+
+def _output_config(config_text: str, path: Path, drop_mtp: bool) -> str:
+    edit = ConfigEdit(drop_quantization=True, disable_mtp=drop_mtp, dtype="bfloat16")
+    try:
+        return edit.apply(config_text)
+    except ConfigFormatError as exc:
+        raise CastError(f"{path}: {exc}") from exc
+
+
+def _files_to_copy(src: Path, shard_names: set[str]) -> list[Path]:
+    """Every file of the source but the shards, the index and config.json (which are written anew)."""
+    copies = []
+    for path in sorted(src.rglob("*")):
+        relative = path.relative_to(src)
+        if relative.parts[0] in _SKIP_DIRS or str(relative) in shard_names | {INDEX_NAME, "config.json"}:
+            continue
+        if not path.is_dir():  # a broken link is kept here, so that the preflight names it
+            copies.append(relative)
+    return copies
+
+
+def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
+    """Read every header, find every scale, and check shapes; raise CastError listing all problems."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CastError(f"{src}: not a directory")
+    config_path = src / "config.json"
+    config_text, config = read_config(config_path) if config_path.exists() or config_path.is_symlink() else (None, {})
+    try:
+        weight_map, index_metadata = load_index(src)
+        missing = [name for name in sorted(set(weight_map.values())) if not (src / name).is_file()]
+        if missing:
+            raise CastError(f"{src}: {len(missing)} shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing[:5])}")
+        headers = {name: read_header(src / name) for name in sorted(set(weight_map.values()))}
+    except SafetensorsError as exc:
+        raise CastError(str(exc)) from exc
+    block = _block_size(config, config_path)
+    num_layers = config.get("num_hidden_layers")
+    if options.drop_mtp and not isinstance(num_layers, int):
+        raise CastError(f"{src / 'config.json'}: --drop-mtp needs num_hidden_layers in config.json")
+
+    problems: list[str] = []
+    for tensor, shard in weight_map.items():
+        if tensor not in headers[shard].tensors:
+            problems.append(f"{shard}: {INDEX_NAME} maps {tensor} here but the shard does not hold it")
+    shards = [
+        _plan_shard(name, header, headers, weight_map, block, num_layers if options.drop_mtp else None, problems)
+        for name, header in headers.items()
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CastError(f"{len(problems)} problem(s) in {src}, nothing written:\n  {shown}{more}")
+    identity = {
+        "tool": "convert fp8-bf16",
+        "source": str(src.resolve()),
+        "drop_mtp": options.drop_mtp,
+        "shards": {name: [h.file_size, (src / name).stat().st_mtime_ns] for name, h in headers.items()},
+    }
+    config_out = None if config_text is None else _output_config(config_text, config_path, options.drop_mtp)
+    copies = _files_to_copy(src, set(headers))
+    return CastPlan(src, dst, shards, block, (src / INDEX_NAME).is_file(), index_metadata, config_out, copies, options, identity)
+
+
+def _plan_shard(
+    name: str,
+    header: ShardHeader,
+    headers: dict[str, ShardHeader],
+    weight_map: dict[str, str],
+    block: tuple[int, int],
+    mtp_from_layer: int | None,
+    problems: list[str],
+) -> ShardJob:
+    jobs = []
+    for info in header.tensors.values():
+        if info.name.endswith(SCALE_SUFFIX):
+            continue
+        layer = layer_index(info.name)
+        if mtp_from_layer is not None and layer is not None and layer >= mtp_from_layer:
+            continue
+        if info.dtype != "F8_E4M3":
+            jobs.append(TensorJob(OutputTensor(info.name, info.dtype, info.shape), info, header.path))
+            continue
+        scale_name = info.name + SCALE_SUFFIX
+        scale_shard = weight_map.get(scale_name, name if scale_name in header.tensors else None)
+        scale = headers[scale_shard].tensors.get(scale_name) if scale_shard in headers else None
+        if scale is None:
+            problems.append(f"{name}: tensor {info.name} is FP8 but {scale_name} is in no shard; the BF16 output would be wrong")
+            continue
+        if len(info.shape) != 2:
+            problems.append(f"{name}: tensor {info.name} is FP8 with shape {list(info.shape)}; only 2-D block-quantised weights are supported")
+            continue
+        expected = list(scale_shape(info.shape, block))
+        if scale.dtype != "F32" or list(scale.shape) != expected:
+            problems.append(
+                f"{scale_shard}: {scale_name} is {scale.dtype}{list(scale.shape)}, expected F32{expected} "
+                f"for {info.name} {list(info.shape)} with {block[0]}x{block[1]} blocks"
+            )
+            continue
+        jobs.append(TensorJob(OutputTensor(info.name, "BF16", info.shape), info, header.path, scale, headers[scale_shard].path))
+    order = {t.name: i for i, t in enumerate(order_for_writing([job.output for job in jobs]))}
+    jobs.sort(key=lambda job: order[job.output.name])
+    return ShardJob(name, jobs, encode_header([job.output for job in jobs]))
+
+
+def shard_is_done(dst: Path, shard: ShardJob) -> bool:
+    """An output shard is complete iff it has exactly the expected header bytes and size."""
+    path = dst / shard.name
+    try:
+        if path.stat().st_size != shard.output_size:
+            return False
+        with open(path, "rb") as handle:
+            return handle.read(len(shard.header)) == shard.header
+    except OSError:
+        return False
+

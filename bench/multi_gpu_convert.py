@@ -57,12 +57,12 @@ def hf_mcore(work: Path, experts: int) -> dict:
         make_wide_fp8(src, experts, values="normal")
     result = {}
     digests = {}
+    dst = work / "mcore"  # one path for both: torch records the destination in .metadata (checkpoint_id)
     for device in ("cuda", "cpu"):
-        dst = work / f"mcore-{device}"
         shutil.rmtree(dst, ignore_errors=True)
         result[f"{device}_s"] = timed([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(src), "--dst", str(dst), "--device", device, "--json"])["seconds"]
         digests[device] = _digest_tree(dst / "release", ("*.distcp", ".metadata"))
-        shutil.rmtree(dst)
+    shutil.rmtree(dst)
     return {**result, "experts": experts, "identical": digests["cuda"] == digests["cpu"], "digests": digests}
 
 

@@ -83,6 +83,9 @@ TE_NORM_EXTRA_STATE = ("input_layernorm",)
 TE_MOE_NORM_EXTRA_STATE = ("pre_mlp_layernorm",)
 TE_GLOBAL_NORM_EXTRA_STATE = ("decoder.final_layernorm",)
 TE_MTP_NORM_EXTRA_STATE = ("enorm", "hnorm", "final_layernorm")
+# megatron-core 0.16.1 (TE 2.20.2) also asks for the MTP layer's TEDotProductAttention extra state
+# (not the decoder layers'; 0.19.2 asks for neither): seen on 2x H200, tests/data/te_keys/.
+TE_MTP_LAYER_EXTRA_STATE = ("transformer_layer.self_attention.core_attention",)
 
 CHUNK_BYTES = 256 * 1024 * 1024
 
@@ -218,7 +221,7 @@ def plan_mapping(config: dict[str, Any], shapes: dict[str, tuple[int, ...]], spe
             single(hf_prefix + hf, mc_prefix + mc)
         objects.append(_object_key(f"{mc_prefix}eh_proj"))
         if spec == "te":
-            objects.extend(_object_key(mc_prefix + norm) for norm in TE_MTP_NORM_EXTRA_STATE)
+            objects.extend(_object_key(mc_prefix + module) for module in TE_MTP_NORM_EXTRA_STATE + TE_MTP_LAYER_EXTRA_STATE)
         # the MTP layer is MoE when its checkpoint says so (DeepSeek-V3: always)
         layer(hf_prefix, mc_prefix + "transformer_layer.", is_moe=f"{hf_prefix}mlp.gate.weight" in shapes)
         used.update(hf_prefix + name for name in MTP_DUPLICATES if hf_prefix + name in shapes)

@@ -23,7 +23,8 @@ seconds of every round and each rank's bytes (read through its streams, as whole
 Exit codes: 0 done and the values check out, 1 values differ, 2 cannot run here (no 2 GPUs, no
 megatron-core). `--cpu-check` rehearses the whole run on CPU (gloo, tiny model) without timing anything.
 Run from the repository root (`PYTHONPATH=.` if the toolkit is not installed); with packages in a
-separate directory: `PYTHONPATH=.:/tmp/site python -m bench.load_timing ...`.
+separate directory: `PYTHONPATH=.:/tmp/site python -m bench.load_timing ...`. Cut short (a time limit)?
+Run the same command again: the HF checkpoint and finished conversions in `--work` are reused.
 """
 
 from __future__ import annotations

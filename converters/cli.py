@@ -34,6 +34,8 @@ Every tensor is stored at its global shape, so the output loads at any TP/PP/EP/
 no model are needed, and memory stays near one --bin-mb file. The names follow the Transformer
 Engine spec (--spec te, production) or the local spec. Give verl the printed release/ directory as
 actor_rollout_ref.{actor,ref}.megatron.dist_checkpointing_path. Re-running resumes after a kill.
+--align-tp/--align-etp (or --recipe) store each tensor as the slices the training plan's ranks ask
+for, so that each rank reads only its own bytes at load.
 """
 
 

@@ -2,7 +2,9 @@
 
 One process, no GPU needed, bounded memory: tensors are planned at their global shapes from the
 headers alone, then read, dequantised (FP8) and written chunk by chunk into bins of `.distcp` files.
-The result loads at any TP/PP/EP with megatron-core's `dist_checkpointing.load`.
+The result loads at any TP/PP/EP with megatron-core's `dist_checkpointing.load`. With `align_tp`/`align_etp`
+the chunks are cut at the slices a training plan's ranks ask for (converters/tp_layout.py), so that each rank
+reads only its own bytes at load; without them the output is what it always was.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import LoadItemType
 
 from converters.mcore_mapping import MappingPlan
-from converters.tp_layout import REPLICATED, sharding_of
+from converters.tp_layout import REPLICATED, sharding_of, source_extents
 
 
 @dataclass
@@ -245,7 +245,7 @@ def rank_requests(mapping: MappingPlan, layout: ParallelLayout, rank: int, dupli
             template = [c for c in tensor.chunks if c.offsets[0] == 0]
         else:
             experts, template = [None], tensor.chunks
-        segments = _merge_same_source(template, axis)
+        segments = sorted(set(source_extents(template, axis).values()))
         for expert in experts:
             for low, high in segments:
                 step = -(-(high - low) // parts)
@@ -258,17 +258,6 @@ def rank_requests(mapping: MappingPlan, layout: ParallelLayout, rank: int, dupli
                     offsets[0], sizes[0] = expert, 1
                 requests.append(Request(tensor.key, tuple(offsets), tuple(sizes)))
     return requests
-
-
-def _merge_same_source(chunks, axis: int) -> list[tuple[int, int]]:
-    """Extents along `axis` of each source (a SwiGLU half, or a whole tensor cut into row chunks)."""
-    extents: dict[str, tuple[int, int]] = {}
-    for chunk in chunks:
-        low, high = chunk.offsets[axis], chunk.offsets[axis] + chunk.sizes[axis]
-        if chunk.source in extents:
-            low, high = min(low, extents[chunk.source][0]), max(high, extents[chunk.source][1])
-        extents[chunk.source] = (low, high)
-    return sorted(set(extents.values()))
 
 
 @dataclass

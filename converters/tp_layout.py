@@ -98,6 +98,18 @@ def split_points(start: int, length: int, parts: int) -> list[int]:
     return sorted({start + min(length, i * step) for i in range(parts + 1)})
 
 
+def source_extents(chunks: list[Chunk], axis: int) -> dict[str, tuple[int, int]]:
+    """Each source's extent along `axis`: one logical tensor that TP splits (gate and up are two; a
+    tensor stored in row chunks is one)."""
+    extents: dict[str, tuple[int, int]] = {}
+    for chunk in chunks:
+        low, high = chunk.offsets[axis], chunk.offsets[axis] + chunk.sizes[axis]
+        if chunk.source in extents:
+            low, high = min(low, extents[chunk.source][0]), max(high, extents[chunk.source][1])
+        extents[chunk.source] = (low, high)
+    return extents
+
+
 def _source_axis(tensor: McoreTensor, axis: int) -> int:
     return axis - (len(tensor.shape) - 2)  # routed experts: the leading expert axis has no source dim
 
@@ -133,13 +145,7 @@ def align_tensor(tensor: McoreTensor, tp: int, etp: int, itemsize: int = 2) -> M
         return tensor
     axis = sharding.axis
     source_axis = _source_axis(tensor, axis)
-    # each source's extent along the axis is one logical tensor to split (gate and up are two)
-    extents: dict[str, tuple[int, int]] = {}
-    for chunk in tensor.chunks:
-        low, high = chunk.offsets[axis], chunk.offsets[axis] + chunk.sizes[axis]
-        if chunk.source in extents:
-            low, high = min(low, extents[chunk.source][0]), max(high, extents[chunk.source][1])
-        extents[chunk.source] = (low, high)
+    extents = source_extents(tensor.chunks, axis)
     aligned = McoreTensor(tensor.key, tensor.shape)
     for chunk in tensor.chunks:
         pieces = _row_units(tensor, chunk, itemsize) if sharding.kind == ROW else [chunk]

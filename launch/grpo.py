@@ -134,13 +134,19 @@ def _check_read_volume(preflight: Preflight, ckpt: Path, config: dict, plan: Pla
     else:
         layout = f"chunks aligned to TP{tp} ETP{etp}, the plan has TP{plan.tp} ETP{plan.etp}; `convert hf-mcore ... {wanted}` writes the plan's layout"
     try:
-        keys = set(metadata.state_dict_metadata)
-        mtp_layers = len({k.split(".")[2] for k in keys if k.startswith("mtp.layers.")})
-        mapping = plan_mapping(config, hf_tensor_shapes(config, mtp_layers), detect_spec(keys), drop_mtp=mtp_layers == 0)
+        # what the model asks for: MTP layers only when config.json keeps them (patcher sets 0 for verl)
+        mtp_layers = config.get("num_nextn_predict_layers") or 0
+        spec = detect_spec(set(metadata.state_dict_metadata))
+        mapping = plan_mapping(config, hf_tensor_shapes(config, mtp_layers), spec, drop_mtp=mtp_layers == 0)
         layout_sizes = ParallelLayout(plan.world, plan.tp, plan.pp, plan.ep, plan.etp, plan.cp, plan.first_stage_layers, plan.last_stage_layers)
         read = cluster_read(metadata, mapping, layout_sizes, plan.gpus_per_node)
     except (ConvertError, KeyError, ValueError) as exc:
         preflight.add("checkpoint read volume", True, f"{layout}; read volume not estimated ({exc})")
+        return
+    if read.missing:  # verl's load fails on a key the model asks for and the checkpoint lacks
+        preflight.add("checkpoint read volume", False,
+                      f"{len(read.missing)} tensor(s) the model asks for are not in the checkpoint, e.g. {read.missing[0]} "
+                      "(MTP kept in config.json but converted with --drop-mtp? `patcher apply` the model dir, or reconvert)")
         return
     preflight.add(
         "checkpoint read volume", True,

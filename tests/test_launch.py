@@ -198,3 +198,22 @@ def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
     # the tiny model's records carry ~1 KB of zip framing each, hence the slack over 1.0
     assert multiple(messages["aligned"]) < 1.15 < 1.5 < multiple(messages["global"])
     assert "GB per node" in messages["aligned"]
+
+
+def test_preflight_names_tensors_the_model_asks_for_and_the_checkpoint_lacks(tmp_path):
+    from converters.fixtures import make_fp8_checkpoint
+    from launch.grpo import Preflight, _check_read_volume
+    from launch.plan import Plan
+
+    source = tmp_path / "fp8"
+    config = make_fp8_checkpoint(source, shards=2)  # keeps its MTP layer in config.json
+    result = subprocess.run([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(source), "--dst", str(tmp_path / "out"),
+                             "--quiet", "--drop-mtp"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    preflight = Preflight()
+    _check_read_volume(preflight, tmp_path / "out", config, Plan(1, 2, 80, tp=2, pp=1, ep=1, etp=2))
+    (check,) = preflight.checks
+    assert not check.ok and "mtp.layers.0." in check.message
+    preflight = Preflight()
+    _check_read_volume(preflight, tmp_path / "out", {**config, "num_nextn_predict_layers": 0}, Plan(1, 2, 80, tp=2, pp=1, ep=1, etp=2))
+    assert preflight.ok

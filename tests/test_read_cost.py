@@ -109,3 +109,18 @@ def test_overlapping_chunks_are_counted_whole_once_per_request(small):
     assert both_halves.needed_bytes == 1024 * 512 * 2 and both_halves.record_bytes >= 2 * 1024 * 512 * 2
     twice = index.plan([Request(key, (0, 0), (512, 512)), Request(key, (512, 0), (512, 512))])
     assert twice.record_bytes == 2 * index.plan([Request(key, (0, 0), (1024, 512))]).record_bytes
+
+
+def test_deepseek_v3_seed_plan_reads_the_checkpoint_once_when_aligned():
+    """Full-size read plan (bench/read_plan.py) for TP4 PP16 EP2 ETP4 on 128 GPUs: the target holds."""
+    from bench.read_plan import global_mapping, layout_metadata
+    from converters.fixtures import deepseek_v3_config
+    from converters.read_cost import cluster_read
+
+    layout = ParallelLayout(world=128, tp=4, pp=16, ep=2, etp=4, first_stage_layers=3, last_stage_layers=2)
+    mapping = global_mapping(deepseek_v3_config())
+    aligned = cluster_read(layout_metadata("aligned", mapping, 4, 4), mapping, layout)
+    whole = cluster_read(layout_metadata("global", mapping, 4, 4), mapping, layout)
+    assert not aligned.missing and aligned.read_bytes == aligned.needed_bytes
+    assert aligned.over_checkpoint <= 1.05 < 3.5 < whole.over_checkpoint
+    assert len(aligned.per_node) == 16 and max(aligned.per_node) < max(whole.per_node) / 3.5

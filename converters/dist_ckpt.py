@@ -238,6 +238,14 @@ def bin_done(release: Path, index: int) -> bool:
     return _results_path(release, index).is_file() and (release / f"__{index}_0.distcp").is_file()
 
 
+def forget_bins(release: Path, bins: int) -> None:
+    """Starting over: no bin, `.metadata` or finished mark already there counts as this conversion's."""
+    for index in range(bins):
+        _results_path(release, index).unlink(missing_ok=True)
+    for name in (".metadata", DONE_FILE):
+        (release / name).unlink(missing_ok=True)
+
+
 class BinWriter:
     """Writes bins one after another as `__{index}_0.distcp`; each bin's fsync and done-mark (its results
     file) happen in a background thread while the next bin is written. A bin counts as done only once its

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from atomicio import atomic_copy, atomic_write_bytes
-from converters.fp8_plan import STATE_DIR, CastPlan, ShardJob, shard_is_done
+from converters.fp8_plan import FINISHED_FILE, STATE_DIR, CastPlan, ShardJob, shard_is_done
 from converters.fp8_shard import convert_shard, remove_dead_temps
 from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
@@ -66,7 +66,18 @@ def finalize(plan: CastPlan) -> None:
             "weight_map": dict(sorted(weight_map.items())),
         }
         atomic_write_bytes(plan.dst / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+    # what this output was made from, so a later run into the same dir never takes another source's
+    # same-shaped output for its own
+    atomic_write_bytes(plan.dst / FINISHED_FILE, (json.dumps(plan.identity, sort_keys=True) + "\n").encode())
     shutil.rmtree(plan.dst / STATE_DIR, ignore_errors=True)
+
+
+def is_finished(plan: CastPlan) -> bool:
+    """The destination holds a finished conversion of this source with these options."""
+    try:
+        return json.loads((plan.dst / FINISHED_FILE).read_text()) == json.loads(json.dumps(plan.identity))
+    except (OSError, ValueError):
+        return False
 
 
 def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], None]] | None = None) -> CastSummary:
@@ -74,8 +85,7 @@ def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], N
     start = time.perf_counter()
     summary = CastSummary(dst=str(plan.dst))
     mine = plan.my_shards()
-    complete = (plan.dst / INDEX_NAME).is_file() or not plan.has_index and not (plan.dst / STATE_DIR).exists()
-    if plan.dst.is_dir() and complete and all(shard_is_done(plan.dst, s) for s in plan.shards):
+    if is_finished(plan) and all(shard_is_done(plan.dst, s) for s in plan.shards):
         summary.shards_skipped = len(mine)
         summary.finalized = True
         summary.seconds = time.perf_counter() - start
@@ -83,7 +93,8 @@ def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], N
     destination = plan.destination()
     check_paths(plan.src, plan.dst)
     destination.check()
-    pending = [shard for shard in mine if not shard_is_done(plan.dst, shard)]
+    starting_over = destination.starts_over()
+    pending = mine if starting_over else [shard for shard in mine if not shard_is_done(plan.dst, shard)]
     summary.shards_skipped = len(mine) - len(pending)
     copies = [plan.src / relative for relative in plan.copies]
     check_readable(copies)
@@ -91,6 +102,9 @@ def run_cast(plan: CastPlan, progress_factory: Callable[[int], Callable[[int], N
     check_free_space(plan.dst, sum(shard.output_size for shard in pending) + copy_bytes, f"{len(pending)} shard(s) and {len(copies)} other file(s)")
     device = resolve_device(plan.options.device)
     with destination.claim():
+        if starting_over:  # nothing of what is there may pass for this conversion's output
+            for path in [plan.dst / INDEX_NAME, plan.dst / FINISHED_FILE] + [plan.dst / shard.name for shard in plan.shards]:
+                path.unlink(missing_ok=True)
         remove_dead_temps(plan.dst / STATE_DIR)
         _convert_pending(plan, pending, device, progress_factory, summary)
         if all(shard_is_done(plan.dst, shard) for shard in plan.shards):

@@ -29,6 +29,7 @@ from kernels.fp8 import DEFAULT_BLOCK, scale_shape
 from patcher.hf_config import ConfigEdit, ConfigFormatError
 
 STATE_DIR = ".fp8-bf16"
+FINISHED_FILE = ".fp8-bf16-source.json"  # kept: the identity of a finished output
 SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SKIP_DIRS = {".git", ".cache", STATE_DIR}

@@ -29,6 +29,7 @@ from converters.dist_ckpt import (
     Piece,
     bin_done,
     finish_checkpoint,
+    forget_bins,
     is_complete,
     make_bins,
     plan_pieces,
@@ -189,13 +190,16 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
         return summary
     destination = plan.destination()
     destination.check()
-    pending = [i for i in plan.my_bins() if not bin_done(release, i)]
+    starting_over = destination.starts_over()
+    pending = plan.my_bins() if starting_over else [i for i in plan.my_bins() if not bin_done(release, i)]
     summary.bins_skipped = len(plan.my_bins()) - len(pending)
     needed = sum(piece.nbytes for i in pending for piece in plan.bins[i])
     check_free_space(plan.dst, needed, f"{len(pending)} bin(s)")
     device = str(resolve_device(plan.options.device))
     readers = summary.readers = plan.options.readers or default_readers(device, plan.options.workers)
     with destination.claim():
+        if starting_over:
+            forget_bins(release, len(plan.bins))
         _write_pending(plan, release, pending, device, readers, progress_factory, summary)
         summary.bytes_out = needed
         if all(bin_done(release, i) for i in range(len(plan.bins))):

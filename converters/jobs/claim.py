@@ -71,6 +71,17 @@ class Destination:
                 "unfinished conversion differently, stop every part and re-run with --overwrite (finished files are kept)"
             )
 
+    def starts_over(self) -> bool:
+        """--overwrite over another conversion (or none on record): nothing already there may be reused.
+
+        Outputs of another source can have the very same names, sizes and headers (DeepSeek-V3 and R1
+        share every shape), so a converter that starts over rewrites every item instead of resuming.
+        """
+        if not self.overwrite:
+            return False
+        recorded = self.recorded()
+        return recorded is None or recorded.get("identity") != self.identity
+
     def _foreign_entries(self) -> list[str]:
         """Entries of `root` other than the state dir and the dirs leading to it."""
         if not self.root.is_dir():

@@ -169,9 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_fp8_bf16(args: argparse.Namespace) -> int:
-    from converters.fp8_bf16 import run_cast
-    from converters.fp8_plan import CastOptions, plan_cast
-    from converters.verify import verify_cast
+    from converters.fp8.cast import run_cast
+    from converters.fp8.plan import CastOptions, plan_cast
+    from converters.fp8.verify import verify_cast
 
     options = CastOptions(
         drop_mtp=args.drop_mtp,
@@ -219,7 +219,7 @@ def _alignment(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 
 def run_hf_mcore(args: argparse.Namespace) -> int:
-    from converters.hf_mcore import McoreOptions, plan_conversion, run_conversion
+    from converters.mcore.from_hf import McoreOptions, plan_conversion, run_conversion
 
     try:
         align_tp, align_etp = _alignment(args)
@@ -263,7 +263,7 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
 
 
 def run_mcore_hf(args: argparse.Namespace) -> int:
-    from converters.mcore_hf import export_hf
+    from converters.mcore.to_hf import export_hf
 
     progress = Progress("mcore->hf", quiet=args.quiet or args.json)
     try:
@@ -280,7 +280,7 @@ def run_mcore_hf(args: argparse.Namespace) -> int:
 def run_math_lighteval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from converters.math_lighteval import convert
+    from converters.data.math_lighteval import convert
 
     reports = convert(args.src, args.dst, args.strict)
     if args.json:

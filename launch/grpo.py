@@ -119,10 +119,10 @@ def _check_read_volume(preflight: Preflight, ckpt: Path, config: dict, plan: Pla
         return
     from torch.distributed.checkpoint import FileSystemReader
 
-    from converters.mcore_hf import detect_spec, hf_tensor_shapes
-    from converters.mcore_mapping import plan_mapping
-    from converters.read_cost import ParallelLayout, cluster_read, detect_alignment
-    from converters.safety import ConvertError
+    from converters.mcore.mapping import plan_mapping
+    from converters.mcore.read_cost import ParallelLayout, cluster_read, detect_alignment
+    from converters.mcore.to_hf import detect_spec, hf_tensor_shapes
+    from converters.preflight import ConvertError
 
     metadata = FileSystemReader(str(release)).read_metadata()
     tp, etp = detect_alignment(metadata)

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from converters.mcore_config import moe_layer_freq
-from converters.mcore_hf import hf_tensor_shapes
+from converters.mcore.config import moe_layer_freq
+from converters.mcore.to_hf import hf_tensor_shapes
 
 GB = 1e9
 PRESETS = {  # the facts a plan needs from config.json, for models named instead of given as a dir

@@ -49,7 +49,7 @@ def wait_no_ray(timeout: float = 60) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from converters.fixtures import make_fp8_checkpoint, math_sample_rows
+    from converters.testing import make_fp8_checkpoint, math_sample_rows
 
     root = tmp_path_factory.mktemp("cluster")
     fp8, model, ckpt, raw, data = (root / n for n in ("fp8", "model", "mcore", "raw", "data"))

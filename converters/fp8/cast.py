@@ -1,7 +1,7 @@
 """`convert fp8-bf16`: a DeepSeek-V3-style FP8 checkpoint to BF16 safetensors, sharded, resumable, exact.
 
-Three steps, one module each: the plan (`fp8_plan`: every header read and validated, every scale
-found through the index, nothing written), the shards (`fp8_shard`: each written under DST/.fp8-bf16/
+Three steps, one module each: the plan (`fp8.plan`: every header read and validated, every scale
+found through the index, nothing written), the shards (`fp8.shard`: each written under DST/.fp8-bf16/
 and renamed into place only when complete), and this run: check and claim the destination, convert
 this part's pending shards (in worker processes with --workers), then copy the other files and write
 the index last: its presence means done. A shard whose output already holds exactly the expected
@@ -21,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from atomicio import atomic_copy, atomic_write_bytes
-from converters.fp8_plan import STATE_DIR, CastPlan, ShardJob, shard_is_done
-from converters.fp8_shard import convert_shard, remove_dead_temps
+from converters.fp8.plan import STATE_DIR, CastPlan, ShardJob, shard_is_done
+from converters.fp8.shard import convert_shard, remove_dead_temps
+from converters.hf.safetensors_io import INDEX_NAME
 from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
-from converters.safetensors_io import INDEX_NAME
-from converters.safety import check_free_space, check_paths, check_readable, resolve_device
+from converters.preflight import check_free_space, check_paths, check_readable, resolve_device
 
 
 @dataclass

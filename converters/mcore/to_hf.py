@@ -19,9 +19,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
-from converters.mcore_config import moe_layer_freq
-from converters.mcore_mapping import MTP_DUPLICATES, plan_mapping
-from converters.safetensors_io import (
+from converters.hf.safetensors_io import (
     DTYPE_NAMES,
     INDEX_NAME,
     OutputTensor,
@@ -29,7 +27,9 @@ from converters.safetensors_io import (
     order_for_writing,
     tensor_bytes,
 )
-from converters.safety import ConvertError, check_free_space, check_paths, check_readable, read_config
+from converters.mcore.config import moe_layer_freq
+from converters.mcore.mapping import MTP_DUPLICATES, plan_mapping
+from converters.preflight import ConvertError, check_free_space, check_paths, check_readable, read_config
 from patcher.hf_config import ConfigEdit
 
 SHARD_BYTES = 5 * 1000**3

@@ -14,7 +14,7 @@ Two backends, chosen by what the machine has (`--backend auto`):
        the checkpoint is `--spec te`; TP runs in eval mode. Tolerance ATOL (float32 reduction order).
 Every process runs on 127.0.0.1.
 
-    python -m converters.mcore_check --hf HF_DIR --mcore MCORE_DIR [--tp 2] [--ep 2] [--pp 2] [--json]
+    python -m converters.mcore.check --hf HF_DIR --mcore MCORE_DIR [--tp 2] [--ep 2] [--pp 2] [--json]
 
 Exit codes: 0 loaded and logits match; 1 keys missing or logits differ; 2 bad input (no such
 directory, not a checkpoint, too few GPUs for the layout).
@@ -135,7 +135,7 @@ def build_model(config: dict, tp: int, pp: int, ep: int, spec: str, backend: str
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    from converters.mcore_config import gpt_model_kwargs, mcore_config_kwargs
+    from converters.mcore.config import gpt_model_kwargs, mcore_config_kwargs
 
     te = backend == "te"
     kwargs = mcore_config_kwargs(config)
@@ -160,7 +160,7 @@ def build_model(config: dict, tp: int, pp: int, ep: int, spec: str, backend: str
     )
     block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=te)
     if not te:
-        from converters.mcore_shim import local_core_attention
+        from converters.mcore.shim import local_core_attention
 
         for layer_spec in block.layer_specs:
             layer_spec.submodules.self_attention.submodules.core_attention = local_core_attention()
@@ -251,7 +251,7 @@ def _init(rank: int, world: int, port: int, tp: int, pp: int, ep: int, te: bool)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from converters.mcore_shim import init_distributed, install_cpu_shim
+    from converters.mcore.shim import init_distributed, install_cpu_shim
 
     if not te:
         install_cpu_shim()
@@ -312,6 +312,21 @@ def _rank_main(rank: int, world: int, port: int, hf_dir: str, mcore_dir: str, tp
     torch.distributed.destroy_process_group()
 
 
+def hf_logits(model_dir, token_ids):
+    """float32 logits of a HF checkpoint on CPU, loaded by transformers itself."""
+    import torch
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers: expected
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        return model(token_ids).logits
+
+
 def run_check(hf_dir: Path, mcore_dir: Path, tp: int = 1, pp: int = 1, ep: int = 1, spec: str = "te", backend: str = "cpu") -> tuple[CheckReport, dict]:
     """Build, compare keys, load and run in tp*pp*ep processes; (report, raw outcome incl. asked keys)."""
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
@@ -341,8 +356,6 @@ def run_check(hf_dir: Path, mcore_dir: Path, tp: int = 1, pp: int = 1, ep: int =
     report.unset = outcome.get("unset", [])
     report.tolerance = TE_ATOL if backend == "te" else ATOL
     if report.loaded:
-        from converters.fixtures import hf_logits
-
         reference = hf_logits(hf_dir, outcome["ids"])
         logits = outcome["logits"]
         report.max_abs_diff = (logits - reference).abs().max().item()
@@ -392,7 +405,7 @@ def describe(report: CheckReport, spec: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m converters.mcore_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m converters.mcore.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", type=Path, required=True, help="HF dir (BF16) with config.json")
     parser.add_argument("--mcore", type=Path, required=True, help="the dist_checkpointing_path (DST/release) or DST")
     parser.add_argument("--tp", type=int, default=1)

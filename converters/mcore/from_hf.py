@@ -3,7 +3,7 @@
 One process, no GPU needed, bounded memory: tensors are planned at their global shapes from the
 headers alone, then read, dequantised (FP8) and written chunk by chunk into bins of `.distcp` files.
 The result loads at any TP/PP/EP with megatron-core's `dist_checkpointing.load`. With `align_tp`/`align_etp`
-the chunks are cut at the slices a training plan's ranks ask for (converters/tp_layout.py), so that each rank
+the chunks are cut at the slices a training plan's ranks ask for (converters/mcore/tp_layout.py), so that each rank
 reads only its own bytes at load; without them the output is what it always was.
 """
 
@@ -19,8 +19,14 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
-from converters.buffers import BufferPool
-from converters.dist_ckpt import (
+from converters.hf.buffers import BufferPool
+from converters.hf.checkpoint import HFCheckpoint, SourceError
+from converters.jobs.claim import Destination
+from converters.jobs.options import JobOptions
+from converters.jobs.partition import balance
+from converters.jobs.pool import run_workers
+from converters.mcore.config import ConfigError, mcore_config_kwargs
+from converters.mcore.dist_ckpt import (
     BIN_BYTES,
     PREFETCH_BYTES,
     RELEASE_DIR,
@@ -33,15 +39,9 @@ from converters.dist_ckpt import (
     make_bins,
     plan_pieces,
 )
-from converters.hf_source import HFCheckpoint, SourceError
-from converters.jobs.claim import Destination
-from converters.jobs.options import JobOptions
-from converters.jobs.partition import balance
-from converters.jobs.pool import run_workers
-from converters.mcore_config import ConfigError, mcore_config_kwargs
-from converters.mcore_mapping import Chunk, MappingError, check_shapes, plan_mapping
-from converters.safety import ConvertError, check_free_space, check_paths, resolve_device
-from converters.tp_layout import BoxReader, LayoutError, align_mapping
+from converters.mcore.mapping import Chunk, MappingError, check_shapes, plan_mapping
+from converters.mcore.tp_layout import BoxReader, LayoutError, align_mapping
+from converters.preflight import ConvertError, check_free_space, check_paths, resolve_device
 
 
 @dataclass(frozen=True)

@@ -203,3 +203,14 @@ def format_table(results: list[StepResult]) -> str:
     lines = [f"{'step':<{width}}  {'time':>7}  check", f"{'-' * width}  {'-' * 7}  {'-' * 40}"]
     lines += [f"{r.name:<{width}}  {r.seconds:>6.1f}s  {r.check}" for r in results]
     return "\n".join(lines)
+
+
+def demo_command(out: Path) -> int:
+    """`launch demo`: 0 when every step's check passed, 1 at the first that failed."""
+    try:
+        results = run_demo(out)
+    except DemoFailure as exc:
+        print(f"launch demo: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print("\n" + format_table(results))
+    return 0

@@ -25,6 +25,7 @@ from converters.jobs.claim import Destination
 from converters.jobs.options import JobOptions
 from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
+from converters.jobs.progress import Progress
 from converters.mcore.config import ConfigError, mcore_config_kwargs
 from converters.mcore.dist_ckpt import (
     BIN_BYTES,
@@ -230,3 +231,28 @@ def _run_workers(plan: McorePlan, release: Path, pending: list[int], device: str
     run_workers(_write_bins, [(str(plan.src), str(release), bins, device, readers) for bins in assignment], progress,
                 [f"worker {w + 1} ({device}, {len(bins)} bin(s))" for w, bins in enumerate(assignment)])
 
+
+
+def mcore_command(src: Path, dst: Path, options: McoreOptions, as_json: bool, quiet: bool) -> int:
+    """`convert hf-mcore`: plan, write with progress, print; 0 done, 1 this --shard part done."""
+    plan = plan_conversion(src, dst, options)
+    progress = Progress("hf->mcore", quiet=quiet or as_json)
+    try:
+        summary = run_conversion(plan, progress.start)
+    finally:
+        progress.close()
+    if as_json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        for note in summary.notes:
+            print(note)
+        print(
+            f"{summary.bins_written} bin(s) written, {summary.bins_skipped} already there; {summary.tensors} tensors, "
+            f"{summary.objects} extra-state objects, {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s"
+            + ("" if summary.layout == "global" else f"; chunks {summary.layout}")
+        )
+        if summary.finalized:
+            print(f"dist_checkpointing_path: {summary.dist_checkpointing_path}")
+        else:
+            print("waiting for the other --shard parts; the last one writes .metadata")
+    return 0 if summary.finalized else 1

@@ -7,7 +7,7 @@
 
 Nothing is loaded. Each rank's requested slices come from the mapping table and the sharding table
 (`converters.mcore.read_cost.rank_requests`, checked against megatron-core's own `sharded_state_dict` in
-tests/test_read_cost.py); every stored chunk a request overlaps is read whole, once per request, as
+tests/test_converters/test_mcore_read_cost.py); every stored chunk a request overlaps is read whole, once per request, as
 torch DCP's `FileSystemReader` does. The layouts are planned from the full-size shapes of
 `converters.testing.deepseek_v3_config()` without data: `global` (what `convert hf-mcore` writes by
 default: every tensor at its global shape, gate/up and every expert in their own chunks), `aligned`

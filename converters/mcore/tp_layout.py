@@ -7,7 +7,7 @@ TP times over (ETP for routed experts). `align_mapping` re-cuts the global plan 
 holds every tensor at its global shape (it loads at any TP/PP/EP), only the chunk boundaries move.
 
 How megatron-core 0.16.1 shards each tensor (checked against the real model's `sharded_state_dict`
-at TP2 x EP2 in tests/test_tp_layout.py):
+at TP2 x EP2 in tests/test_converters/test_mcore_tp_layout.py):
 - column-parallel (dim 0, after the expert axis for routed experts): attention up projections, the
   vocab-parallel embedding and output layer, the MTP `eh_proj`, and SwiGLU `linear_fc1`, whose gate
   and up halves are two requests (`apply_swiglu_sharded_factory`), so each half is cut on its own;

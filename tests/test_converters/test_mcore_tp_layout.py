@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from convert_cli import convert, to_mcore
 from torch.distributed.checkpoint import FileSystemReader
 
 from converters.hf.checkpoint import HFCheckpoint
@@ -17,16 +16,6 @@ from converters.mcore.from_hf import McoreOptions, _chunk_reader, plan_conversio
 from converters.mcore.mapping import Chunk, McoreTensor
 from converters.mcore.tp_layout import LayoutError, align_tensor, sharding_of
 from converters.testing import dequantised, load_checkpoint, make_fp8_checkpoint
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converters.cli", *args, "--quiet"], capture_output=True, text=True)
-
-
-def to_mcore(src: Path, dst: Path, *extra: str) -> Path:
-    result = convert("hf-mcore", "--src", str(src), "--dst", str(dst), *extra)
-    assert result.returncode == 0, result.stderr
-    return dst / "release"
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert_cli import convert, to_mcore
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -19,17 +20,6 @@ from converters.mcore import dist_ckpt
 from converters.mcore.check import ATOL, compare
 from converters.mcore.from_hf import McoreOptions, plan_conversion, run_conversion
 from converters.testing import make_fp8_checkpoint
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converters.cli", *args, "--quiet"], capture_output=True, text=True)
-
-
-def to_mcore(src: Path, dst: Path, *extra: str) -> Path:
-    result = convert("hf-mcore", "--src", str(src), "--dst", str(dst), *extra)
-    assert result.returncode == 0, result.stderr
-    assert (dst / "latest_checkpointed_iteration.txt").read_text() == "release"
-    return dst / "release"
 
 
 @pytest.fixture(scope="module")

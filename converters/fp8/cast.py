@@ -161,11 +161,8 @@ def _convert_shards(plan: CastPlan, shard_names: list[str], device: str, threads
 def cast_command(src: Path, dst: Path, options: CastOptions, verify: bool, as_json: bool, quiet: bool) -> int:
     """`convert fp8-bf16`: plan, run with progress, optionally verify, print; 0 done, 1 this part done."""
     plan = plan_cast(src, dst, options)
-    progress = Progress("fp8->bf16", quiet=quiet or as_json)
-    try:
+    with Progress("fp8->bf16", quiet=quiet or as_json) as progress:
         summary = run_cast(plan, progress.start)
-    finally:
-        progress.close()
     if verify and summary.finalized:
         summary.verify = verify_cast(plan)
     if as_json:

@@ -236,11 +236,8 @@ def _run_workers(plan: McorePlan, release: Path, pending: list[int], device: str
 def mcore_command(src: Path, dst: Path, options: McoreOptions, as_json: bool, quiet: bool) -> int:
     """`convert hf-mcore`: plan, write with progress, print; 0 done, 1 this --shard part done."""
     plan = plan_conversion(src, dst, options)
-    progress = Progress("hf->mcore", quiet=quiet or as_json)
-    try:
+    with Progress("hf->mcore", quiet=quiet or as_json) as progress:
         summary = run_conversion(plan, progress.start)
-    finally:
-        progress.close()
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
     else:

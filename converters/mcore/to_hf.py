@@ -254,11 +254,8 @@ def _write_shard(path: Path, group: list[OutputTensor], regions, checkpoint: Dis
 
 def export_command(src: Path, hf_config: Path, dst: Path, overwrite: bool, as_json: bool, quiet: bool) -> int:
     """`convert mcore-hf`: export with progress and print the summary."""
-    progress = Progress("mcore->hf", quiet=quiet or as_json)
-    try:
+    with Progress("mcore->hf", quiet=quiet or as_json) as progress:
         summary = export_hf(src, hf_config, dst, overwrite, progress.start)
-    finally:
-        progress.close()
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
     else:

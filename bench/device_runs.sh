@@ -25,11 +25,11 @@ load)
   PYTHONPATH=$(site "$version") python3 -m bench.te_load --work /tmp/te-load --out "$out" --gpus 2
   rm -rf /tmp/te-load/outcomes
   # the user-facing checker, as a user runs it on a GPU node (TP2, sequence parallel)
-  PYTHONPATH=$(site "$version") python3 -m converters.mcore_check --hf /tmp/te-load/mtp/bf16 --mcore /tmp/te-load/mtp/mcore --tp 2 --json > "$out/check_tp2.json"
+  PYTHONPATH=$(site "$version") python3 -m converters.mcore.check --hf /tmp/te-load/mtp/bf16 --mcore /tmp/te-load/mtp/mcore --tp 2 --json > "$out/check_tp2.json"
   echo "mcore_check exit $?"; cat "$out/check_tp2.json"
   # a --spec local checkpoint is named as such, not a wall of missing keys
   [ -d /tmp/te-load/local ] || python3 -m converters.cli hf-mcore --src /tmp/te-load/mtp/bf16 --dst /tmp/te-load/local --spec local --quiet
-  PYTHONPATH=$(site "$version") python3 -m converters.mcore_check --hf /tmp/te-load/mtp/bf16 --mcore /tmp/te-load/local --tp 2 | tail -4
+  PYTHONPATH=$(site "$version") python3 -m converters.mcore.check --hf /tmp/te-load/mtp/bf16 --mcore /tmp/te-load/local --tp 2 | tail -4
   echo "mcore_check on a local-spec checkpoint: exit ${PIPESTATUS[0]}" ;;
 grads)
   # unpatched, default apply (export flag on 0.14-0.16), --seed-edit (+ rope fix), and the how-to's edit alone

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from converters.safetensors_io import INDEX_NAME
+from converters.hf.safetensors_io import INDEX_NAME
 
 EXPERT_SHAPES = [(2048, 7168), (2048, 7168), (7168, 2048)]
 
@@ -105,7 +105,7 @@ def sequential_reference(src: Path, dst: Path, device: str) -> None:
 
 
 def _fp8_infos(src: Path):
-    from converters.safetensors_io import read_header
+    from converters.hf.safetensors_io import read_header
 
     for shard in sorted(src.glob("*.safetensors")):
         yield from (t for t in read_header(shard).tensors.values() if t.dtype == "F8_E4M3")
@@ -120,8 +120,8 @@ def run_one(method: str, src: Path, dst: Path, device: str, workers: int) -> dic
     start = time.perf_counter()
     stages = None
     if method == "ours":
-        from converters.fp8_bf16 import run_cast
-        from converters.fp8_plan import CastOptions, plan_cast
+        from converters.fp8.cast import run_cast
+        from converters.fp8.plan import CastOptions, plan_cast
 
         summary = run_cast(plan_cast(src, dst, CastOptions(device=device, workers=workers)))
         stages = summary.stage_seconds

@@ -12,7 +12,7 @@ Engine optional):
    (`posix_fadvise(DONTNEED)` after `sync`; `--warm` keeps them), then each rank builds the model
    (TE spec when Transformer Engine imports, else the local spec with the TE names mapped on) and
    times megatron-core's `dist_checkpointing.load` as verl calls it, counting the bytes its reader
-   pulls from the `.distcp` files (converters.read_cost.counting_reads);
+   pulls from the `.distcp` files (converters.mcore.read_cost.counting_reads);
 4. checks that both layouts load the same values (a float64 sum per parameter, per rank) and that
    each rank's slices of the embedding and of layer 0's `linear_proj` equal the HF tensors'.
 
@@ -45,7 +45,7 @@ TP = 2
 
 
 def model_config(layers: int, experts: int, tiny: bool = False) -> dict:
-    from converters.fixtures import TINY_DEEPSEEK_V3, deepseek_v3_config
+    from converters.testing import TINY_DEEPSEEK_V3, deepseek_v3_config
 
     config = deepseek_v3_config()
     config.pop("quantization_config")
@@ -59,8 +59,7 @@ def model_config(layers: int, experts: int, tiny: bool = False) -> dict:
 
 def write_hf_checkpoint(dst: Path, config: dict, shard_bytes: int = 2 * 10**9) -> int:
     """Random BF16 weights (float32 expert bias) in safetensors shards with an index; returns bytes."""
-    from converters.mcore_hf import hf_tensor_shapes
-    from converters.safetensors_io import (
+    from converters.hf.safetensors_io import (
         DTYPE_NAMES,
         INDEX_NAME,
         OutputTensor,
@@ -68,6 +67,7 @@ def write_hf_checkpoint(dst: Path, config: dict, shard_bytes: int = 2 * 10**9) -
         order_for_writing,
         tensor_bytes,
     )
+    from converters.mcore.to_hf import hf_tensor_shapes
 
     dst.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
@@ -105,7 +105,7 @@ def write_hf_checkpoint(dst: Path, config: dict, shard_bytes: int = 2 * 10**9) -
 
 
 def convert(src: Path, dst: Path, extra: tuple[str, ...]) -> float:
-    from converters.hf_mcore import McoreOptions, plan_conversion, run_conversion
+    from converters.mcore.from_hf import McoreOptions, plan_conversion, run_conversion
 
     start = time.perf_counter()
     options = McoreOptions(overwrite=True, align_tp=int(extra[1]) if extra else None)
@@ -161,12 +161,12 @@ def build_model(config: dict, use_te: bool, cpu: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    from converters.mcore_check import te_keys_map
-    from converters.mcore_config import gpt_model_kwargs, mcore_config_kwargs
-    from converters.mcore_shim import local_core_attention
+    from converters.mcore.check import te_keys_map
+    from converters.mcore.config import gpt_model_kwargs, mcore_config_kwargs
+    from converters.mcore.shim import local_core_attention
 
     kwargs = mcore_config_kwargs(config)
-    if cpu:  # the --cpu-check rehearsal: what converters.mcore_check runs (TP in eval mode, no sequence parallel)
+    if cpu:  # the --cpu-check rehearsal: what converters.mcore.check runs (TP in eval mode, no sequence parallel)
         kwargs.update(moe_token_dispatcher_type="allgather", params_dtype=torch.float32, use_cpu_initialization=True)
     else:
         kwargs.update(sequence_parallel=True, params_dtype=torch.bfloat16, bf16=True)
@@ -191,10 +191,10 @@ def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, r
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from torch.distributed.checkpoint import FileSystemReader
 
-    from converters.read_cost import counting_reads
+    from converters.mcore.read_cost import counting_reads
 
     if cpu:
-        from converters.mcore_shim import init_distributed, install_cpu_shim
+        from converters.mcore.shim import init_distributed, install_cpu_shim
 
         install_cpu_shim()
         init_distributed(rank, TP, port, tp=TP)
@@ -238,7 +238,7 @@ def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, r
 
 def _matches_source(model, hf: Path, rank: int) -> bool:
     """This rank's slice of a vocab-parallel and of a row-parallel weight equals the HF tensor's."""
-    from converters.hf_source import HFCheckpoint
+    from converters.hf.checkpoint import HFCheckpoint
 
     source = HFCheckpoint(hf)
     state = model.state_dict()

@@ -160,9 +160,9 @@ def widths(work: Path, experts: int, repeats: int = 1, configs: tuple[str, ...] 
 LOAD_ALL_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from converters.mcore_shim import install_cpu_shim, init_distributed
-from converters.mcore_check import build_model
-from converters.fixtures import load_checkpoint
+from converters.mcore.shim import install_cpu_shim, init_distributed
+from converters.mcore.check import build_model
+from converters.testing import load_checkpoint
 import json
 install_cpu_shim(); init_distributed(0, 1, int(sys.argv[4]))
 from megatron.core import dist_checkpointing
@@ -178,8 +178,8 @@ dist_checkpointing.save(model.sharded_state_dict(), out)
 
 
 def versus(work: Path) -> dict:
-    from converters.fixtures import make_fp8_checkpoint
-    from converters.mcore_check import _free_port
+    from converters.mcore.check import _free_port
+    from converters.testing import make_fp8_checkpoint
 
     shutil.rmtree(work, ignore_errors=True)
     fp8, bf16 = work / "fp8", work / "bf16"

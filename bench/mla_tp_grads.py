@@ -130,7 +130,7 @@ def build_model(tiny: TinyMLA, backend: str, tp: int):
     config = build_config(tiny, backend, tp)
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te")
     if backend == "local":
-        from converters.mcore_shim import local_core_attention
+        from converters.mcore.shim import local_core_attention
 
         for layer_spec in block.layer_specs:
             layer_spec.submodules.self_attention.submodules.core_attention = local_core_attention()
@@ -235,7 +235,7 @@ def _setup(rank: int, world: int, port: int, backend: str, tp: int) -> torch.dev
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "local":
-        from converters.mcore_shim import install_cpu_shim
+        from converters.mcore.shim import install_cpu_shim
 
         install_cpu_shim()
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=5))

@@ -6,10 +6,10 @@
     python -m bench.read_plan --metadata CKPT/release          # a real checkpoint's .metadata instead
 
 Nothing is loaded. Each rank's requested slices come from the mapping table and the sharding table
-(`converters.read_cost.rank_requests`, checked against megatron-core's own `sharded_state_dict` in
-tests/test_read_cost.py); every stored chunk a request overlaps is read whole, once per request, as
+(`converters.mcore.read_cost.rank_requests`, checked against megatron-core's own `sharded_state_dict` in
+tests/test_converters/test_mcore_read_cost.py); every stored chunk a request overlaps is read whole, once per request, as
 torch DCP's `FileSystemReader` does. The layouts are planned from the full-size shapes of
-`converters.fixtures.deepseek_v3_config()` without data: `global` (what `convert hf-mcore` writes by
+`converters.testing.deepseek_v3_config()` without data: `global` (what `convert hf-mcore` writes by
 default: every tensor at its global shape, gate/up and every expert in their own chunks), `aligned`
 (`--align-tp/--align-etp` at the plan's TP/ETP) and `tp1-whole-fc1` (a TP1 conversion that stores
 SwiGLU `linear_fc1` as one chunk, gate and up together, per expert). Planned records count their
@@ -28,12 +28,12 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata
 
-from converters.dist_ckpt import plan_pieces
-from converters.fixtures import deepseek_v3_config
-from converters.mcore_hf import detect_spec, hf_tensor_shapes
-from converters.mcore_mapping import Chunk, MappingPlan, McoreTensor, plan_mapping
-from converters.read_cost import ClusterRead, ParallelLayout, cluster_read, detect_alignment
-from converters.tp_layout import align_mapping
+from converters.mcore.dist_ckpt import plan_pieces
+from converters.mcore.mapping import Chunk, MappingPlan, McoreTensor, plan_mapping
+from converters.mcore.read_cost import ClusterRead, ParallelLayout, cluster_read, detect_alignment
+from converters.mcore.to_hf import detect_spec, hf_tensor_shapes
+from converters.mcore.tp_layout import align_mapping
+from converters.testing import deepseek_v3_config
 
 LAYOUTS = ("global", "aligned", "tp1-whole-fc1")
 

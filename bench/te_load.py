@@ -5,7 +5,7 @@
 Makes the three test models (with MTP, without MTP, q_lora_rank null) with our fixtures, casts each
 FP8 checkpoint to BF16 (the transformers reference) and converts it with `convert hf-mcore` at its
 defaults (`--spec te`). Then one NCCL world of `--gpus` processes runs, for every model and layout,
-what `python -m converters.mcore_check --backend te` runs: the TE-spec GPTModel with grouped experts
+what `python -m converters.mcore.check --backend te` runs: the TE-spec GPTModel with grouped experts
 and sequence parallel at TP > 1, the keys it asks for against the checkpoint's `.metadata`, verl's
 exact load call, and the logits against transformers (float32 on CPU).
 
@@ -35,7 +35,7 @@ LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "ep2": (1, 1, 2), "pp2": (1, 2, 1
 
 
 def make_models(work: Path) -> dict[str, dict[str, Path]]:
-    from converters.fixtures import make_fp8_checkpoint
+    from converters.testing import make_fp8_checkpoint
 
     made = {}
     for name, overrides in MODELS.items():
@@ -52,14 +52,14 @@ def _rank(rank: int, world: int, port: int, models: dict, layouts: list[str], sc
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from converters.mcore_check import NCCL_SAFE_ENV, check_on_rank
+    from converters.mcore.check import NCCL_SAFE_ENV, check_on_rank
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **NCCL_SAFE_ENV)
     if backend == "te":
         torch.cuda.set_device(rank)
         torch.distributed.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     else:  # the same driver on CPU (gloo, local spec with TE names): a dry run of this script without GPUs
-        from converters.mcore_shim import install_cpu_shim
+        from converters.mcore.shim import install_cpu_shim
 
         install_cpu_shim()
         torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=2, help="processes (one per GPU)")
     parser.add_argument("--backend", choices=["te", "cpu"], default="te", help="cpu: gloo and the local spec, to try the script without GPUs")
     args = parser.parse_args(argv)
-    from converters.fixtures import hf_logits
-    from converters.mcore_check import NCCL_SAFE_ENV, _free_port, versions
+    from converters.mcore.check import NCCL_SAFE_ENV, _free_port, hf_logits, versions
 
     args.out.mkdir(parents=True, exist_ok=True)
     models = make_models(args.work)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from pathlib import Path
 
 from converters.jobs.errors import EXIT_FAILED, as_convert_error, signals_raise
-from converters.jobs.progress import Progress
 from patcher import __version__
 
 DESCRIPTION = "Convert DeepSeek-V3-class checkpoints and data for verl GRPO on Megatron-Core."
@@ -169,9 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_fp8_bf16(args: argparse.Namespace) -> int:
-    from converters.fp8_bf16 import run_cast
-    from converters.fp8_plan import CastOptions, plan_cast
-    from converters.verify import verify_cast
+    from converters.fp8.cast import cast_command
+    from converters.fp8.plan import CastOptions
 
     options = CastOptions(
         drop_mtp=args.drop_mtp,
@@ -183,26 +180,7 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
         batch_bytes=args.batch_mb * 1024 * 1024,
         max_write_bytes_per_s=args.max_write_mbps * 1e6 if args.max_write_mbps else None,
     )
-    plan = plan_cast(args.src, args.dst, options)
-    progress = Progress("fp8->bf16", quiet=args.quiet or args.json)
-    try:
-        summary = run_cast(plan, progress.start)
-    finally:
-        progress.close()
-    if args.verify and summary.finalized:
-        summary.verify = verify_cast(plan)
-    if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
-    else:
-        print(
-            f"{summary.shards_converted} shard(s) converted, {summary.shards_skipped} already done; "
-            f"{summary.tensors} tensors ({summary.fp8_tensors} FP8); {summary.bytes_in / 1e9:.2f} GB in, "
-            f"{summary.bytes_out / 1e9:.2f} GB out in {summary.seconds:.1f} s ({summary.gb_per_s:.2f} GB/s)"
-        )
-        if summary.verify:
-            print(f"verify: {summary.verify['blocks_checked']} FP8 blocks and {summary.verify['tensors_compared']} tensors match the source")
-        print(f"output: {summary.dst}" + ("" if summary.finalized else " (waiting for the other --shard parts)"))
-    return 0 if summary.finalized else 1
+    return cast_command(args.src, args.dst, options, verify=args.verify, as_json=args.json, quiet=args.quiet)
 
 
 def _alignment(args: argparse.Namespace) -> tuple[int | None, int | None]:
@@ -219,7 +197,7 @@ def _alignment(args: argparse.Namespace) -> tuple[int | None, int | None]:
 
 
 def run_hf_mcore(args: argparse.Namespace) -> int:
-    from converters.hf_mcore import McoreOptions, plan_conversion, run_conversion
+    from converters.mcore.from_hf import McoreOptions, mcore_command
 
     try:
         align_tp, align_etp = _alignment(args)
@@ -239,56 +217,19 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
         align_tp=align_tp,
         align_etp=align_etp,
     )
-    plan = plan_conversion(args.src, args.dst, options)
-    progress = Progress("hf->mcore", quiet=args.quiet or args.json)
-    try:
-        summary = run_conversion(plan, progress.start)
-    finally:
-        progress.close()
-    if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
-    else:
-        for note in summary.notes:
-            print(note)
-        print(
-            f"{summary.bins_written} bin(s) written, {summary.bins_skipped} already there; {summary.tensors} tensors, "
-            f"{summary.objects} extra-state objects, {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s"
-            + ("" if summary.layout == "global" else f"; chunks {summary.layout}")
-        )
-        if summary.finalized:
-            print(f"dist_checkpointing_path: {summary.dist_checkpointing_path}")
-        else:
-            print("waiting for the other --shard parts; the last one writes .metadata")
-    return 0 if summary.finalized else 1
+    return mcore_command(args.src, args.dst, options, as_json=args.json, quiet=args.quiet)
 
 
 def run_mcore_hf(args: argparse.Namespace) -> int:
-    from converters.mcore_hf import export_hf
+    from converters.mcore.to_hf import export_command
 
-    progress = Progress("mcore->hf", quiet=args.quiet or args.json)
-    try:
-        summary = export_hf(args.src, args.hf_config, args.dst, args.overwrite, progress.start)
-    finally:
-        progress.close()
-    if args.json:
-        print(json.dumps(summary.to_json(), indent=2))
-    else:
-        print(f"{summary.tensors} tensors in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: {summary.dst}")
-    return 0
+    return export_command(args.src, args.hf_config, args.dst, args.overwrite, as_json=args.json, quiet=args.quiet)
 
 
 def run_math_lighteval(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    from converters.data.math_lighteval import lighteval_command
 
-    from converters.math_lighteval import convert
-
-    reports = convert(args.src, args.dst, args.strict)
-    if args.json:
-        print(json.dumps({split: asdict(report) for split, report in reports.items()}, indent=2))
-    else:
-        for split, report in reports.items():
-            print(f"{split}: {report.written} rows written to {args.dst / (split + '.parquet')}, {report.skipped} skipped (no boxed answer)")
-    return 0
+    return lighteval_command(args.src, args.dst, args.strict, as_json=args.json)
 
 
 COMMANDS = {"fp8-bf16": run_fp8_bf16, "hf-mcore": run_hf_mcore, "mcore-hf": run_mcore_hf, "math-lighteval": run_math_lighteval}

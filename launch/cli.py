@@ -1,9 +1,11 @@
-"""`launch`: the command line for planning, checking, running and reporting GRPO runs, and the demo."""
+"""`launch`: the command line for planning, checking, running and reporting GRPO runs, and the demo.
+
+It only parses arguments; each command is a function of its step module (plan, grpo, report, doctor, demo).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -94,191 +96,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        from launch.demo import DemoFailure, format_table, run_demo
+        from launch.demo import demo_command
 
-        try:
-            results = run_demo(args.out)
-        except DemoFailure as exc:
-            print(f"launch demo: FAILED: {exc}", file=sys.stderr)
-            return 1
-        print("\n" + format_table(results))
-        return 0
+        return demo_command(args.out)
     if args.command == "plan":
-        return run_plan(args)
+        from launch.plan import plan_command
+
+        return plan_command(args.model, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.recipe, args.json)
     if args.command == "grpo":
-        return run_grpo(args)
+        from launch.grpo import GrpoOptions, grpo_command
+
+        return grpo_command(GrpoOptions(
+            nodes=args.nodes, model=args.model, mcore_ckpt=args.mcore_ckpt, data=args.data, recipe=args.recipe,
+            gpus_per_node=args.gpus_per_node, gpu_mem_gb=args.gpu_mem_gb, sets=args.set, dry_run=args.dry_run,
+            node_rank=args.node_rank, head=args.head, ray_port=args.ray_port, ray_address=args.ray_address,
+            python=args.python, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
+            join_timeout=args.join_timeout, run_dir=args.run_dir, print_config=args.print_config, as_json=args.json,
+        ))
     if args.command == "report":
-        return run_report(args)
+        from launch.report import report_command
+
+        return report_command(args.run, args.out, args.json)
     if args.command == "doctor":
-        from launch.doctor import print_report, report
+        from launch.doctor import doctor_command
 
-        data = report()
-        if args.json:
-            print(json.dumps(data, indent=2))
-        else:
-            print_report(data)
-        return 0 if data["megatron_patch"]["state"] in ("applied", "not-needed") else 1
+        return doctor_command(args.json)
     return 2
-
-
-def run_grpo(args: argparse.Namespace) -> int:
-    import os
-
-    from launch.grpo import dry_run_json, prepare, print_dry_run
-    from launch.plan import PlanError, make_plan
-
-    try:
-        plan, config = make_plan(str(args.model), args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.recipe)
-    except PlanError as exc:
-        print(f"launch grpo: error: {exc}", file=sys.stderr)
-        return 2
-    report = prepare(plan, config, args.model.resolve(), args.mcore_ckpt.resolve(), args.data.resolve(), args.set, os.environ)
-    if args.dry_run:
-        if args.json:
-            print(dry_run_json(report))
-        else:
-            print_dry_run(report)
-        return 0 if report["ok"] else 1
-    if args.ray_address:
-        return run_submit(args, report)
-    return run_cluster(args, plan, report)
-
-
-def new_run_dir(args: argparse.Namespace) -> Path:
-    import time
-
-    run_dir = args.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def preflight_failed(report: dict) -> bool:
-    failed = [f"{c['name']}: {c['message']}" for c in report["preflight"] if not c["ok"]]
-    if failed:
-        print("launch grpo: preflight failed, nothing started:\n  " + "\n  ".join(failed), file=sys.stderr)
-    return bool(failed)
-
-
-def trainer_command(args: argparse.Namespace, report: dict, run_dir: Path, python: str | None = None) -> list[str]:
-    """verl's command for this run (with `python`, for another machine), recorded as RUN_DIR/command.json."""
-    command = ([python] if python else report["command"][:1]) + report["command"][1:]
-    if python is None:  # on this machine: hydra's outputs/<date>/<time> go into the run dir, not the current dir
-        command.append(f"hydra.run.dir={(run_dir / 'hydra').resolve()}")
-    command += ["--cfg", "job"] if args.print_config else []
-    (run_dir / "command.json").write_text(json.dumps(command, indent=1))
-    return command
-
-
-def run_submit(args: argparse.Namespace, report: dict) -> int:
-    from launch.cluster import ClusterError, submit_job
-    from launch.grpo import NODE_ENVIRONMENT
-
-    if preflight_failed(report):
-        return 1
-    run_dir = new_run_dir(args)
-    command = trainer_command(args, report, run_dir, args.python)
-    print(f"submitting verl to the Ray cluster at {args.ray_address} (log: {run_dir / 'train.log'})", flush=True)
-    try:
-        code = submit_job(args.ray_address, command, run_dir / "train.log", NODE_ENVIRONMENT)
-    except ClusterError as exc:
-        print(f"launch grpo: error: {exc}", file=sys.stderr)
-        return 1
-    print(f"verl exited with code {code}", flush=True)
-    return code
-
-
-def run_cluster(args: argparse.Namespace, plan, report: dict) -> int:
-    import os
-
-    from launch.cluster import (
-        ClusterError,
-        NodeSpec,
-        is_loopback,
-        run_on_cluster,
-        start_node,
-        stop_node,
-        stop_on_sigterm,
-        wait_for_nodes,
-        wait_until_head_leaves,
-    )
-    from launch.grpo import NODE_ENVIRONMENT, cluster_from_env
-
-    cluster = cluster_from_env(os.environ, nodes=plan.nodes, node_rank=args.node_rank, head=args.head)
-    spec = NodeSpec(cluster.node_rank, plan.nodes, plan.gpus_per_node, cluster.head_address, args.ray_port,
-                    args.dashboard_host, args.dashboard_port)
-    if spec.rank == 0 and preflight_failed(report):
-        return 1
-    run_dir = new_run_dir(args)
-    stop_on_sigterm()
-    if spec.rank == 0 and spec.nodes > 1 and is_loopback(spec.head):
-        print("launch grpo: note: a multi-node Ray cluster on loopback runs in Ray's cluster mode, which listens on "
-              "every interface: run it inside a network namespace whose only interface is lo", file=sys.stderr)
-    node = start_node(spec, NODE_ENVIRONMENT, run_dir / f"ray-node{spec.rank}.log")
-    try:
-        if spec.rank != 0:
-            print(f"node {spec.rank}: joined the Ray head at {spec.address}; waiting for it to finish", flush=True)
-            code = wait_until_head_leaves(node)
-            print(f"node {spec.rank}: the head went away (ray exited {code})", flush=True)
-            return 0
-        try:
-            joined = wait_for_nodes(spec, args.join_timeout)
-        except ClusterError as exc:
-            print(f"launch grpo: error: {exc}", file=sys.stderr)
-            return 1
-        print(f"all {len(joined)} nodes joined with {sum(joined.values()):.0f} GPUs; starting verl (log: {run_dir / 'train.log'})", flush=True)
-        command = trainer_command(args, report, run_dir)
-        code = run_on_cluster(command, run_dir / "train.log", NODE_ENVIRONMENT, spec)
-        print(f"verl exited with code {code}", flush=True)
-        return code
-    except KeyboardInterrupt:
-        print("launch grpo: interrupted; stopping the Ray processes this command started", file=sys.stderr)
-        return 130
-    finally:
-        stop_node(node)
-
-
-def run_report(args: argparse.Namespace) -> int:
-    from launch.report import ReportError, make_report, print_summary
-
-    try:
-        report = make_report(args.run, args.out)
-    except ReportError as exc:
-        print(f"launch report: error: {exc}", file=sys.stderr)
-        return 2 if not args.run.exists() else 1
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_summary(report)
-    return 0
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from launch.plan import PlanError, make_plan, plan_report
-
-    try:
-        plan, config = make_plan(args.model, args.nodes, args.gpus_per_node, args.gpu_mem_gb, args.recipe)
-    except PlanError as exc:
-        print(f"launch plan: error: {exc}", file=sys.stderr)
-        return 2
-    report = plan_report(plan, config)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    memory = report["memory_gb"]
-    print(f"{plan.nodes} nodes x {plan.gpus_per_node} GPUs ({plan.gpu_mem_gb:.0f} GB){' — recipe ' + plan.recipe if plan.recipe else ''}")
-    print(f"  training: TP={plan.tp} PP={plan.pp} EP={plan.ep} ETP={plan.etp} CP={plan.cp} DP={plan.dp}"
-          f"  first/last stage layers: {plan.first_stage_layers}/{plan.last_stage_layers}")
-    print(f"  rollout:  vLLM TP={plan.rollout_tp}, {plan.vllm_engines} engines, gpu_memory_utilization {plan.gpu_memory_utilization}")
-    print(f"  offload:  param={plan.param_offload} grad={plan.grad_offload} optimizer={plan.optimizer_offload}"
-          + (f" (fraction {plan.optimizer_offload_fraction})" if plan.optimizer_offload_fraction else ""))
-    print(f"  checkpoint layout: convert hf-mcore ... --align-tp {plan.tp} --align-etp {plan.etp}"
-          + (f" (or --recipe {plan.recipe})" if plan.recipe else "") + ": each rank then reads only its own slices")
-    print("  memory per GPU (GB): " + ", ".join(f"{k} {v}" for k, v in memory.items() if isinstance(v, float)))
-    for line in memory["reasoning"]:
-        print(f"    - {line}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from converters.fixtures import deepseek_v3_config
+from converters.testing import deepseek_v3_config
 from patcher.patches import installed_megatron_spec, resolve
 
 # console-script name -> module, so the demo runs with this interpreter even outside the venv's PATH
@@ -82,7 +82,7 @@ def step_patch_config(out: Path) -> str:
 
 def step_make_fp8_model(out: Path) -> str:
     """A tiny random DeepSeek-V3 (MTP layer, ragged dims), quantised by our kernel into the FP8 layout."""
-    from converters.fixtures import make_fp8_checkpoint
+    from converters.testing import make_fp8_checkpoint
 
     model = out / "DeepSeek-V3-tiny-FP8"
     shutil.rmtree(model, ignore_errors=True)
@@ -96,7 +96,8 @@ def step_fp8_to_bf16(out: Path) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from converters.fixtures import dequantised, hf_logits, load_checkpoint
+    from converters.mcore.check import hf_logits
+    from converters.testing import dequantised, load_checkpoint
 
     src, dst = out / "DeepSeek-V3-tiny-FP8", out / "DeepSeek-V3-tiny-BF16"
     shutil.rmtree(dst, ignore_errors=True)
@@ -116,7 +117,7 @@ def step_fp8_to_bf16(out: Path) -> str:
 
 def step_hf_mcore(out: Path) -> str:
     """convert hf-mcore from BF16 and straight from FP8 (same tensor files), then logits vs HF."""
-    from converters.mcore_check import ATOL, compare
+    from converters.mcore.check import ATOL, compare
 
     bf16, fp8 = out / "DeepSeek-V3-tiny-BF16", out / "DeepSeek-V3-tiny-FP8"
     results = {}
@@ -139,7 +140,7 @@ def step_math_data(out: Path) -> str:
     """A MATH-format sample we wrote ourselves -> verl parquet; verl's scorer accepts every answer."""
     import pyarrow.parquet as pq
 
-    from converters.fixtures import math_sample_rows
+    from converters.testing import math_sample_rows
 
     raw, data = out / "MATH-sample", out / "math-verl"
     raw.mkdir(parents=True, exist_ok=True)
@@ -202,3 +203,14 @@ def format_table(results: list[StepResult]) -> str:
     lines = [f"{'step':<{width}}  {'time':>7}  check", f"{'-' * width}  {'-' * 7}  {'-' * 40}"]
     lines += [f"{r.name:<{width}}  {r.seconds:>6.1f}s  {r.check}" for r in results]
     return "\n".join(lines)
+
+
+def demo_command(out: Path) -> int:
+    """`launch demo`: 0 when every step's check passed, 1 at the first that failed."""
+    try:
+        results = run_demo(out)
+    except DemoFailure as exc:
+        print(f"launch demo: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print("\n" + format_table(results))
+    return 0

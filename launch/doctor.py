@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
@@ -81,3 +82,13 @@ def print_report(data: dict) -> None:
             print(f"  {reason}")
         if advice["harmful"]:
             print(f"  HARMFUL: {'; '.join(advice['harmful'])}")
+
+
+def doctor_command(as_json: bool) -> int:
+    """`launch doctor`: 0 when the Megatron patches are applied or not needed, else 1."""
+    data = report()
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        print_report(data)
+    return 0 if data["megatron_patch"]["state"] in ("applied", "not-needed") else 1

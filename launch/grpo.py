@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from launch.cluster import (
+    ClusterError,
+    NodeSpec,
+    is_loopback,
+    run_on_cluster,
+    start_node,
+    stop_node,
+    stop_on_sigterm,
+    submit_job,
+    wait_for_nodes,
+    wait_until_head_leaves,
+)
 from launch.overrides import build_overrides, command_line, dialect, installed_verl, validate_with_verl
-from launch.plan import Plan, plan_report
+from launch.plan import Plan, PlanError, make_plan, plan_report
 
 NODE_ENVIRONMENT = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
 
@@ -119,10 +134,10 @@ def _check_read_volume(preflight: Preflight, ckpt: Path, config: dict, plan: Pla
         return
     from torch.distributed.checkpoint import FileSystemReader
 
-    from converters.mcore_hf import detect_spec, hf_tensor_shapes
-    from converters.mcore_mapping import plan_mapping
-    from converters.read_cost import ParallelLayout, cluster_read, detect_alignment
-    from converters.safety import ConvertError
+    from converters.mcore.mapping import plan_mapping
+    from converters.mcore.read_cost import ParallelLayout, cluster_read, detect_alignment
+    from converters.mcore.to_hf import detect_spec, hf_tensor_shapes
+    from converters.preflight import ConvertError
 
     metadata = FileSystemReader(str(release)).read_metadata()
     tp, etp = detect_alignment(metadata)
@@ -223,3 +238,121 @@ def print_dry_run(report: dict) -> None:
 def dry_run_json(report: dict) -> str:
     return json.dumps(report, indent=2, default=str)
 
+
+
+@dataclass
+class GrpoOptions:
+    """What `launch grpo` was asked for (its flags, one field each)."""
+
+    nodes: int
+    model: Path
+    mcore_ckpt: Path
+    data: Path
+    recipe: str | None = None
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80
+    sets: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    node_rank: int | None = None
+    head: str | None = None
+    ray_port: int = 6379
+    ray_address: str | None = None
+    python: str = "python3"
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    join_timeout: float = 600
+    run_dir: Path | None = None
+    print_config: bool = False
+    as_json: bool = False
+
+
+def grpo_command(options: GrpoOptions) -> int:
+    """`launch grpo`: the preflight (--dry-run), or verl on a Ray cluster this command starts or is given."""
+    try:
+        plan, config = make_plan(str(options.model), options.nodes, options.gpus_per_node, options.gpu_mem_gb, options.recipe)
+    except PlanError as exc:
+        print(f"launch grpo: error: {exc}", file=sys.stderr)
+        return 2
+    report = prepare(plan, config, options.model.resolve(), options.mcore_ckpt.resolve(), options.data.resolve(), options.sets, os.environ)
+    if options.dry_run:
+        if options.as_json:
+            print(dry_run_json(report))
+        else:
+            print_dry_run(report)
+        return 0 if report["ok"] else 1
+    if options.ray_address:
+        return run_submit(options, report)
+    return run_cluster(options, plan, report)
+
+
+def new_run_dir(options: GrpoOptions) -> Path:
+    run_dir = options.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def preflight_failed(report: dict) -> bool:
+    failed = [f"{c['name']}: {c['message']}" for c in report["preflight"] if not c["ok"]]
+    if failed:
+        print("launch grpo: preflight failed, nothing started:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return bool(failed)
+
+
+def trainer_command(options: GrpoOptions, report: dict, run_dir: Path, python: str | None = None) -> list[str]:
+    """verl's command for this run (with `python`, for another machine), recorded as RUN_DIR/command.json."""
+    command = ([python] if python else report["command"][:1]) + report["command"][1:]
+    if python is None:  # on this machine: hydra's outputs/<date>/<time> go into the run dir, not the current dir
+        command.append(f"hydra.run.dir={(run_dir / 'hydra').resolve()}")
+    command += ["--cfg", "job"] if options.print_config else []
+    (run_dir / "command.json").write_text(json.dumps(command, indent=1))
+    return command
+
+
+def run_submit(options: GrpoOptions, report: dict) -> int:
+    if preflight_failed(report):
+        return 1
+    run_dir = new_run_dir(options)
+    command = trainer_command(options, report, run_dir, options.python)
+    print(f"submitting verl to the Ray cluster at {options.ray_address} (log: {run_dir / 'train.log'})", flush=True)
+    try:
+        code = submit_job(options.ray_address, command, run_dir / "train.log", NODE_ENVIRONMENT)
+    except ClusterError as exc:
+        print(f"launch grpo: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"verl exited with code {code}", flush=True)
+    return code
+
+
+def run_cluster(options: GrpoOptions, plan: Plan, report: dict) -> int:
+    cluster = cluster_from_env(os.environ, nodes=plan.nodes, node_rank=options.node_rank, head=options.head)
+    spec = NodeSpec(cluster.node_rank, plan.nodes, plan.gpus_per_node, cluster.head_address, options.ray_port,
+                    options.dashboard_host, options.dashboard_port)
+    if spec.rank == 0 and preflight_failed(report):
+        return 1
+    run_dir = new_run_dir(options)
+    stop_on_sigterm()
+    if spec.rank == 0 and spec.nodes > 1 and is_loopback(spec.head):
+        print("launch grpo: note: a multi-node Ray cluster on loopback runs in Ray's cluster mode, which listens on "
+              "every interface: run it inside a network namespace whose only interface is lo", file=sys.stderr)
+    node = start_node(spec, NODE_ENVIRONMENT, run_dir / f"ray-node{spec.rank}.log")
+    try:
+        if spec.rank != 0:
+            print(f"node {spec.rank}: joined the Ray head at {spec.address}; waiting for it to finish", flush=True)
+            code = wait_until_head_leaves(node)
+            print(f"node {spec.rank}: the head went away (ray exited {code})", flush=True)
+            return 0
+        try:
+            joined = wait_for_nodes(spec, options.join_timeout)
+        except ClusterError as exc:
+            print(f"launch grpo: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"all {len(joined)} nodes joined with {sum(joined.values()):.0f} GPUs; starting verl (log: {run_dir / 'train.log'})", flush=True)
+        command = trainer_command(options, report, run_dir)
+        code = run_on_cluster(command, run_dir / "train.log", NODE_ENVIRONMENT, spec)
+        print(f"verl exited with code {code}", flush=True)
+        return code
+    except KeyboardInterrupt:
+        print("launch grpo: interrupted; stopping the Ray processes this command started", file=sys.stderr)
+        return 130
+    finally:
+        stop_node(node)

@@ -9,12 +9,13 @@ layout that fits, and refuses with the smallest node count that would work.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from converters.mcore_config import moe_layer_freq
-from converters.mcore_hf import hf_tensor_shapes
+from converters.mcore.config import moe_layer_freq
+from converters.mcore.to_hf import hf_tensor_shapes
 
 GB = 1e9
 PRESETS = {  # the facts a plan needs from config.json, for models named instead of given as a dir
@@ -272,3 +273,33 @@ def plan_report(plan: Plan, config: dict[str, Any]) -> dict[str, Any]:
     report.update(world=plan.world, dp=plan.dp, vllm_engines=plan.vllm_engines, memory_gb=estimate_memory(plan, config))
     report["moe_layers"] = sum(moe_layer_freq(config))
     return report
+
+
+def print_plan(plan: Plan, report: dict[str, Any]) -> None:
+    memory = report["memory_gb"]
+    print(f"{plan.nodes} nodes x {plan.gpus_per_node} GPUs ({plan.gpu_mem_gb:.0f} GB){' — recipe ' + plan.recipe if plan.recipe else ''}")
+    print(f"  training: TP={plan.tp} PP={plan.pp} EP={plan.ep} ETP={plan.etp} CP={plan.cp} DP={plan.dp}"
+          f"  first/last stage layers: {plan.first_stage_layers}/{plan.last_stage_layers}")
+    print(f"  rollout:  vLLM TP={plan.rollout_tp}, {plan.vllm_engines} engines, gpu_memory_utilization {plan.gpu_memory_utilization}")
+    print(f"  offload:  param={plan.param_offload} grad={plan.grad_offload} optimizer={plan.optimizer_offload}"
+          + (f" (fraction {plan.optimizer_offload_fraction})" if plan.optimizer_offload_fraction else ""))
+    print(f"  checkpoint layout: convert hf-mcore ... --align-tp {plan.tp} --align-etp {plan.etp}"
+          + (f" (or --recipe {plan.recipe})" if plan.recipe else "") + ": each rank then reads only its own slices")
+    print("  memory per GPU (GB): " + ", ".join(f"{k} {v}" for k, v in memory.items() if isinstance(v, float)))
+    for line in memory["reasoning"]:
+        print(f"    - {line}")
+
+
+def plan_command(model: str, nodes: int, gpus_per_node: int, gpu_mem_gb: float, recipe: str | None, as_json: bool) -> int:
+    """`launch plan`: print the plan (or JSON); 2 when the request is impossible."""
+    try:
+        plan, config = make_plan(model, nodes, gpus_per_node, gpu_mem_gb, recipe)
+    except PlanError as exc:
+        print(f"launch plan: error: {exc}", file=sys.stderr)
+        return 2
+    report = plan_report(plan, config)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_plan(plan, report)
+    return 0

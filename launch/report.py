@@ -9,8 +9,10 @@ through `pprint.pformat`, so numpy scalars read `np.float64(0.5)`). Under Ray th
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,3 +207,17 @@ def print_summary(report: dict) -> None:
     if report["missing_panels"]:
         print(f"  not in the log: {', '.join(report['missing_panels'])}")
     print(f"written to {report['out']}: " + ", ".join(Path(p).name for p in report["files"]))
+
+
+def report_command(run: Path, out: Path | None, as_json: bool) -> int:
+    """`launch report`: 0 written, 1 no step lines in the log, 2 no such run dir or log."""
+    try:
+        report = make_report(run, out)
+    except ReportError as exc:
+        print(f"launch report: error: {exc}", file=sys.stderr)
+        return 2 if not run.exists() else 1
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_summary(report)
+    return 0

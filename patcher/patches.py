@@ -571,7 +571,7 @@ class HFConfigPatch(_BackedUpPatch):
 
 def fp8_evidence(model_dir: Path) -> str | None:
     """Why `model_dir` still holds FP8 weights (an index listing *_scale_inv, or float8 tensors), or None."""
-    from converters.safetensors_io import INDEX_NAME, SafetensorsError, load_index, read_header
+    from converters.hf.safetensors_io import INDEX_NAME, SafetensorsError, load_index, read_header
 
     try:
         weight_map, _ = load_index(model_dir)

@@ -64,6 +64,12 @@ class Progress:
               f"{rate / 1e6:.0f} MB/s, {elapsed:.0f} s{eta}", file=self.stream, flush=True)
         self._last_time, self._last_done = now, self.done
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from converters.fixtures import math_sample_rows
-from converters.math_lighteval import INSTRUCTION, last_boxed
+from converters.data.math_lighteval import INSTRUCTION, last_boxed
+from converters.testing import math_sample_rows
 
 EXPECTED_TRAIN_ANSWERS = ["2", "\\frac{3}{4}", "3", "4", "(-2,2)", "2", "1"]
 

@@ -8,7 +8,7 @@ cluster reads depend on the chunk layout as much as on the model:
 - `CountingReader` / `counting_reads()`: a real load, with the bytes each rank pulls through its file
   streams counted (tensors and `_extra_state` objects apart) next to the bytes it asked for.
 - `rank_requests()` + `read_plan()`: the same without loading anything. The slices each rank asks for
-  come from the mapping table and `converters.tp_layout.SHARDING` (tests check them against the real
+  come from the mapping table and `converters.mcore.tp_layout.SHARDING` (tests check them against the real
   model's `sharded_state_dict`), and the chunks they overlap from a checkpoint's `.metadata`.
 """
 
@@ -30,8 +30,8 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType
 
-from converters.mcore_mapping import MappingPlan
-from converters.tp_layout import REPLICATED, sharding_of, source_extents
+from converters.mcore.mapping import MappingPlan
+from converters.mcore.tp_layout import REPLICATED, sharding_of, source_extents
 
 
 @dataclass
@@ -221,7 +221,7 @@ def _stages_of(key: str, stages: list[int], pp: int, has_mtp: bool) -> set[int]:
 def rank_requests(mapping: MappingPlan, layout: ParallelLayout, rank: int, duplicated_down_proj: bool = False) -> list[Request]:
     """Every tensor slice `rank` asks for at load (megatron-core 0.16.1, no singleton_local_shards).
 
-    `mapping` is the global plan (converters.mcore_mapping.plan_mapping); its chunk sources tell the
+    `mapping` is the global plan (converters.mcore.mapping.plan_mapping); its chunk sources tell the
     SwiGLU halves apart. `duplicated_down_proj`: the unpatched TE spec, whose MLA down projections are
     whole on every rank (the local spec and the patched TE spec split them like column-parallel ones).
     """
@@ -371,7 +371,7 @@ def detect_alignment(metadata: Metadata) -> tuple[int, int]:
     return slices("self_attention.linear_proj.weight", False), slices("mlp.experts.experts.linear_fc2.weight", True)
 
 
-# ---- a real load on CPU (gloo), counted: what tests and `python -m converters.read_cost` run ----
+# ---- a real load on CPU (gloo), counted: what tests and `python -m converters.mcore.read_cost` run ----
 
 
 def requested_slices(sharded_state_dict) -> list[Request]:
@@ -398,8 +398,8 @@ def _measure_rank(rank: int, world: int, port: int, hf_dir: str, mcore_dir: str,
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from converters.mcore_check import build_model
-    from converters.mcore_shim import init_distributed, install_cpu_shim
+    from converters.mcore.check import build_model
+    from converters.mcore.shim import init_distributed, install_cpu_shim
 
     install_cpu_shim()
     init_distributed(rank, world, port, tp=tp, ep=ep)
@@ -408,7 +408,7 @@ def _measure_rank(rank: int, world: int, port: int, hf_dir: str, mcore_dir: str,
     metadata = {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
     requests = requested_slices(model.sharded_state_dict(metadata=metadata))
     with counting_reads() as count:
-        # verl's call, as in converters.mcore_check
+        # verl's call, as in converters.mcore.check
         dist_checkpointing.load(model.sharded_state_dict(metadata=metadata), mcore_dir, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     record = {"rank": rank, "count": dataclasses.asdict(count), "requests": [dataclasses.astuple(r) for r in requests]}
     Path(f"{result}.{rank}").write_text(json.dumps(record))
@@ -423,7 +423,7 @@ def measure_load(hf_dir, mcore_dir, tp: int = 1, ep: int = 1, spec: str = "te") 
     import os
     import tempfile
 
-    from converters.mcore_check import _free_port
+    from converters.mcore.check import _free_port
 
     world = tp * ep
     with tempfile.TemporaryDirectory() as scratch:

@@ -23,7 +23,8 @@ from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
 from converters.jobs.progress import Progress
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+TEST_PATHS = [str(Path(__file__).resolve().parent), str(REPO / "tests")]  # test_jobs, then faults
 
 
 def test_balance_gives_largest_first_to_the_least_loaded_part():
@@ -103,7 +104,7 @@ POOL_UNDER_SIGTERM = textwrap.dedent("""
     import sys
     from converters.jobs.errors import Interrupted
     from converters.jobs.pool import run_workers
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = {tests!r}
     from test_jobs import write_pid_then_sleep
     try:
         run_workers(write_pid_then_sleep, [({pids!r},), ({pids!r},)], lambda n: None)
@@ -114,7 +115,7 @@ POOL_UNDER_SIGTERM = textwrap.dedent("""
 
 
 def test_sigterm_to_the_parent_stops_and_joins_every_worker(tmp_path):
-    script = POOL_UNDER_SIGTERM.format(tests=str(REPO / "tests"), pids=str(tmp_path))
+    script = POOL_UNDER_SIGTERM.format(tests=TEST_PATHS, pids=str(tmp_path))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 60
@@ -130,7 +131,7 @@ def test_sigterm_to_the_parent_stops_and_joins_every_worker(tmp_path):
 
 
 def test_no_worker_outlives_a_parent_killed_by_sigkill(tmp_path):
-    script = POOL_UNDER_SIGTERM.format(tests=str(REPO / "tests"), pids=str(tmp_path))
+    script = POOL_UNDER_SIGTERM.format(tests=TEST_PATHS, pids=str(tmp_path))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 60

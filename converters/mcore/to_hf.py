@@ -19,9 +19,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
-from converters.mcore_config import moe_layer_freq
-from converters.mcore_mapping import MTP_DUPLICATES, plan_mapping
-from converters.safetensors_io import (
+from converters.hf.safetensors_io import (
     DTYPE_NAMES,
     INDEX_NAME,
     OutputTensor,
@@ -29,7 +27,10 @@ from converters.safetensors_io import (
     order_for_writing,
     tensor_bytes,
 )
-from converters.safety import ConvertError, check_free_space, check_paths, check_readable, read_config
+from converters.jobs.progress import Progress
+from converters.mcore.config import moe_layer_freq
+from converters.mcore.mapping import MTP_DUPLICATES, plan_mapping
+from converters.preflight import ConvertError, check_free_space, check_paths, check_readable, read_config
 from patcher.hf_config import ConfigEdit
 
 SHARD_BYTES = 5 * 1000**3
@@ -249,3 +250,14 @@ def _write_shard(path: Path, group: list[OutputTensor], regions, checkpoint: Dis
             data = torch.cat(parts) if len(parts) > 1 else parts[0]
             target.write(tensor_bytes(data.reshape(tensor.shape)))
             progress(tensor.nbytes)
+
+
+def export_command(src: Path, hf_config: Path, dst: Path, overwrite: bool, as_json: bool, quiet: bool) -> int:
+    """`convert mcore-hf`: export with progress and print the summary."""
+    with Progress("mcore->hf", quiet=quiet or as_json) as progress:
+        summary = export_hf(src, hf_config, dst, overwrite, progress.start)
+    if as_json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print(f"{summary.tensors} tensors in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: {summary.dst}")
+    return 0

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 
 from atomicio import atomic_write_bytes, fsync_dir
-from converters.mcore_mapping import Chunk, MappingPlan
+from converters.mcore.mapping import Chunk, MappingPlan
 
 # What megatron-core reads to recognise a torch_dist checkpoint (all four fields: 0.12 .. 0.19).
 CHECKPOINT_METADATA = {

@@ -171,7 +171,7 @@ def test_preflight_fails_on_the_column_edit_under_a_rank0_exporter(tmp_path):
 
 
 def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
-    from converters.fixtures import make_fp8_checkpoint
+    from converters.testing import make_fp8_checkpoint
     from launch.grpo import Preflight, _check_read_volume
     from launch.plan import Plan
 
@@ -201,7 +201,7 @@ def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
 
 
 def test_preflight_names_tensors_the_model_asks_for_and_the_checkpoint_lacks(tmp_path):
-    from converters.fixtures import make_fp8_checkpoint
+    from converters.testing import make_fp8_checkpoint
     from launch.grpo import Preflight, _check_read_volume
     from launch.plan import Plan
 

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from convert_cli import convert, to_mcore
 from torch.distributed.checkpoint import FileSystemReader
 
-from converters.fixtures import dequantised, load_checkpoint, make_fp8_checkpoint
-from converters.hf_mcore import McoreOptions, _chunk_reader, plan_conversion
-from converters.hf_source import HFCheckpoint
-from converters.mcore_check import ATOL, compare
-from converters.mcore_mapping import Chunk, McoreTensor
-from converters.tp_layout import LayoutError, align_tensor, sharding_of
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converters.cli", *args, "--quiet"], capture_output=True, text=True)
-
-
-def to_mcore(src: Path, dst: Path, *extra: str) -> Path:
-    result = convert("hf-mcore", "--src", str(src), "--dst", str(dst), *extra)
-    assert result.returncode == 0, result.stderr
-    return dst / "release"
+from converters.hf.checkpoint import HFCheckpoint
+from converters.mcore.check import ATOL, compare
+from converters.mcore.from_hf import McoreOptions, _chunk_reader, plan_conversion
+from converters.mcore.mapping import Chunk, McoreTensor
+from converters.mcore.tp_layout import LayoutError, align_tensor, sharding_of
+from converters.testing import dequantised, load_checkpoint, make_fp8_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +135,8 @@ def _save_at_tp2(rank: int, port: int, hf_dir: str, mcore_dir: str, out: str) ->
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from converters.mcore_check import build_model
-    from converters.mcore_shim import init_distributed, install_cpu_shim
+    from converters.mcore.check import build_model
+    from converters.mcore.shim import init_distributed, install_cpu_shim
 
     install_cpu_shim()
     init_distributed(rank, 2, port, tp=2)
@@ -164,8 +153,8 @@ def _save_at_tp2(rank: int, port: int, hf_dir: str, mcore_dir: str, out: str) ->
 def test_megatron_saved_tp2_checkpoint_exports_to_hf(models, tmp_path):
     """A checkpoint written by megatron-core's own save at TP2 (chunks = the ranks' slices, float32 as the
     model holds them) exports to the same values."""
-    from converters.mcore_check import _free_port
-    from converters.read_cost import detect_alignment
+    from converters.mcore.check import _free_port
+    from converters.mcore.read_cost import detect_alignment
 
     saved = tmp_path / "saved"
     torch.multiprocessing.start_processes(_save_at_tp2, args=(_free_port(), str(models["bf16"]), str(models["tp2"]), str(saved)),
@@ -183,8 +172,8 @@ def test_megatron_saved_tp2_checkpoint_exports_to_hf(models, tmp_path):
 def test_threads_share_units_in_any_order(models):
     """Reader threads making column slices of the same units concurrently, asked for in any order, give the
     same bytes as a fresh single-threaded reader, with pooled buffers recycled by the writer."""
-    from converters import dist_ckpt
-    from converters.buffers import BufferPool
+    from converters.hf.buffers import BufferPool
+    from converters.mcore import dist_ckpt
 
     plan = plan_conversion(models["fp8"], models["root"] / "unused", McoreOptions(align_tp=2))
     pieces = [p for group in plan.bins for p in group if p.chunk is not None and p.chunk.cols is not None]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.fixtures import make_fp8_checkpoint
+from converters.testing import make_fp8_checkpoint
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:

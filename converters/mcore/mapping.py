@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from converters.mcore_config import moe_layer_freq
+from converters.mcore.config import moe_layer_freq
 
 SPECS = ("te", "local")
 
@@ -102,7 +102,7 @@ class Chunk:
     sizes: tuple[int, ...]
     source: str
     rows: tuple[int, int] | None = None
-    cols: tuple[int, int] | None = None  # only in layouts aligned to tensor parallelism (converters/tp_layout.py)
+    cols: tuple[int, int] | None = None  # only in layouts aligned to tensor parallelism (converters/mcore/tp_layout.py)
 
 
 @dataclass

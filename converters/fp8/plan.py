@@ -10,10 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converters.jobs.claim import Destination
-from converters.jobs.options import JobOptions
-from converters.jobs.partition import balance
-from converters.safetensors_io import (
+from converters.hf.safetensors_io import (
     INDEX_NAME,
     OutputTensor,
     SafetensorsError,
@@ -24,7 +21,10 @@ from converters.safetensors_io import (
     order_for_writing,
     read_header,
 )
-from converters.safety import ConvertError, read_config
+from converters.jobs.claim import Destination
+from converters.jobs.options import JobOptions
+from converters.jobs.partition import balance
+from converters.preflight import ConvertError, read_config
 from kernels.fp8 import DEFAULT_BLOCK, scale_shape
 from patcher.hf_config import ConfigEdit, ConfigFormatError
 

@@ -22,7 +22,7 @@ import pytest
 
 from patcher.patches import installed_megatron_root
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5
 MISMATCH = 1e-3
 

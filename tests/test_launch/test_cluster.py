@@ -49,7 +49,7 @@ def wait_no_ray(timeout: float = 60) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from converters.fixtures import make_fp8_checkpoint, math_sample_rows
+    from converters.testing import make_fp8_checkpoint, math_sample_rows
 
     root = tmp_path_factory.mktemp("cluster")
     fp8, model, ckpt, raw, data = (root / n for n in ("fp8", "model", "mcore", "raw", "data"))
@@ -133,9 +133,9 @@ def two_nodes(inputs, tmp_path: Path, *extra: str, port: int) -> dict:
         pytest.skip("a two-node Ray cluster on 127.0.0.1 needs a network namespace (`unshare -n`, root)")
     out = tmp_path / "two-nodes.json"
     args = launch(inputs, "--nodes", "2", "--gpus-per-node", "1", "--join-timeout", "120", *extra, port=port)[4:]
-    runner = Path(__file__).with_name("netns_cluster.py")
+    runner = Path(__file__).parents[1] / "netns_cluster.py"
     subprocess.run(["unshare", "-n", sys.executable, str(runner), str(out), str(tmp_path / "run"), "--", *args],
-                   check=True, timeout=600, cwd=Path(__file__).parents[1])
+                   check=True, timeout=600, cwd=Path(__file__).parents[2])
     result = json.loads(out.read_text())
     assert result["interfaces"] == ["lo"], result["interfaces"]
     # Ray's cluster mode listens on the wildcard address too; in this namespace that is loopback alone.

@@ -12,24 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert_cli import convert, to_mcore
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from converters import dist_ckpt
-from converters.fixtures import make_fp8_checkpoint
-from converters.hf_mcore import McoreOptions, plan_conversion, run_conversion
-from converters.mcore_check import ATOL, compare
-
-
-def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converters.cli", *args, "--quiet"], capture_output=True, text=True)
-
-
-def to_mcore(src: Path, dst: Path, *extra: str) -> Path:
-    result = convert("hf-mcore", "--src", str(src), "--dst", str(dst), *extra)
-    assert result.returncode == 0, result.stderr
-    assert (dst / "latest_checkpointed_iteration.txt").read_text() == "release"
-    return dst / "release"
+from converters.mcore import dist_ckpt
+from converters.mcore.check import ATOL, compare
+from converters.mcore.from_hf import McoreOptions, plan_conversion, run_conversion
+from converters.testing import make_fp8_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +193,8 @@ def test_bins_bound_file_sizes(models, tmp_path):
 
 @pytest.mark.parametrize("spec", ["te", "local"])
 def test_round_trip_hf_mcore_hf_is_byte_identical(models, tmp_path, spec):
-    from converters.fixtures import hf_logits, load_checkpoint
+    from converters.mcore.check import hf_logits
+    from converters.testing import load_checkpoint
 
     release = to_mcore(models["bf16"], tmp_path / "mcore", "--spec", spec, "--bin-mb", "1")
     back = tmp_path / "back"
@@ -266,9 +257,9 @@ def test_kill_minus_nine_then_resume(tmp_path):
 def test_streaming_planner_prefetches_within_its_budget_in_any_order(models, tmp_path, readers):
     """The background readers give the writer the same tensors, in plan order or not, never more than the
     budget ahead; with a buffer pool, a tensor's buffer is reused only after the writer asked for the next one."""
-    from converters.buffers import BufferPool
-    from converters.hf_mcore import _chunk_reader
-    from converters.hf_source import HFCheckpoint
+    from converters.hf.buffers import BufferPool
+    from converters.hf.checkpoint import HFCheckpoint
+    from converters.mcore.from_hf import _chunk_reader
 
     plan = plan_conversion(models["fp8"], tmp_path / "out", McoreOptions())
     pieces = [p for p in max(plan.bins, key=len) if p.chunk is not None]
@@ -298,7 +289,7 @@ def test_streaming_planner_prefetches_within_its_budget_in_any_order(models, tmp
 
 
 def test_buffer_pool_lends_exact_sizes_and_keeps_idle_ones_within_its_limit():
-    from converters.buffers import BufferPool
+    from converters.hf.buffers import BufferPool
 
     pool = BufferPool(idle_limit=100)
     a, b = pool.take(40), pool.take(40)
@@ -327,12 +318,12 @@ def test_more_readers_give_identical_files(models, tmp_path):
 
 
 def test_default_readers_follow_the_device_and_the_cores(monkeypatch):
-    from converters import hf_mcore
+    from converters.mcore import from_hf
 
     for cores, workers, expected in ((2, 1, 1), (8, 1, 2), (16, 1, 4), (128, 1, 4), (16, 2, 2), (16, 8, 1)):
-        monkeypatch.setattr(hf_mcore.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
-        assert hf_mcore.default_readers("cpu", workers) == expected, (cores, workers)
-        assert hf_mcore.default_readers("cuda", workers) == 1
+        monkeypatch.setattr(from_hf.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert from_hf.default_readers("cpu", workers) == expected, (cores, workers)
+        assert from_hf.default_readers("cuda", workers) == 1
 
 
 # Faults: exit code, message, no process left behind, and a resumed result identical to an uninterrupted one.

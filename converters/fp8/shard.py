@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from atomicio import AtomicFile
-from converters.fp8_plan import STATE_DIR, CastError, CastPlan, ShardJob, TensorJob
-from converters.safetensors_io import (
+from converters.fp8.plan import STATE_DIR, CastError, CastPlan, ShardJob, TensorJob
+from converters.hf.safetensors_io import (
     TensorInfo,
     read_tensor,
     tensor_bytes,

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-from converters.fixtures import make_fp8_checkpoint
-from converters.hf_source import HFCheckpoint
-from converters.mcore_mapping import plan_mapping
-from converters.read_cost import ChunkIndex, ParallelLayout, Request, layer_stages, measure_load, rank_requests
+from converters.hf.checkpoint import HFCheckpoint
+from converters.mcore.mapping import plan_mapping
+from converters.mcore.read_cost import ChunkIndex, ParallelLayout, Request, layer_stages, measure_load, rank_requests
+from converters.testing import make_fp8_checkpoint
 
 # big enough that the DCP record framing (~2 KB read per stored chunk) stays small next to the data
 SMALL = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size": 384, "vocab_size": 1024}
@@ -114,8 +114,8 @@ def test_overlapping_chunks_are_counted_whole_once_per_request(small):
 def test_deepseek_v3_seed_plan_reads_the_checkpoint_once_when_aligned():
     """Full-size read plan (bench/read_plan.py) for TP4 PP16 EP2 ETP4 on 128 GPUs: the target holds."""
     from bench.read_plan import global_mapping, layout_metadata
-    from converters.fixtures import deepseek_v3_config
-    from converters.read_cost import cluster_read
+    from converters.mcore.read_cost import cluster_read
+    from converters.testing import deepseek_v3_config
 
     layout = ParallelLayout(world=128, tp=4, pp=16, ep=2, etp=4, first_stage_layers=3, last_stage_layers=2)
     mapping = global_mapping(deepseek_v3_config())

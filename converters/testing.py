@@ -1,4 +1,7 @@
-"""Generated DeepSeek-V3-style test inputs: configs (full-size facts) and, later, tiny checkpoints."""
+"""Test and demo inputs, generated (nothing downloaded): the full-size DeepSeek-V3 config, tiny FP8 checkpoints, MATH rows.
+
+No converter imports this module; tests, benches and `launch demo` do.
+"""
 
 from __future__ import annotations
 
@@ -242,21 +245,6 @@ def dequantised(fp8_state: dict) -> dict:
         for name, t in fp8_state.items()
         if not name.endswith("_scale_inv")
     }
-
-
-def hf_logits(model_dir, token_ids):
-    """float32 logits of a HF checkpoint on CPU, loaded by transformers itself."""
-    import torch
-    import transformers
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers: expected
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    with torch.no_grad():
-        return model(token_ids).logits
 
 
 def math_sample_rows() -> dict[str, list[dict[str, str]]]:

@@ -1,7 +1,7 @@
 """`convert fp8-bf16`: a DeepSeek-V3-style FP8 checkpoint to BF16 safetensors, sharded, resumable, exact.
 
-Three steps, one module each: the plan (`fp8_plan`: every header read and validated, every scale
-found through the index, nothing written), the shards (`fp8_shard`: each written under DST/.fp8-bf16/
+Three steps, one module each: the plan (`fp8.plan`: every header read and validated, every scale
+found through the index, nothing written), the shards (`fp8.shard`: each written under DST/.fp8-bf16/
 and renamed into place only when complete), and this run: check and claim the destination, convert
 this part's pending shards (in worker processes with --workers), then copy the other files and write
 the index last: its presence means done. A shard whose output already holds exactly the expected
@@ -17,16 +17,19 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from atomicio import atomic_copy, atomic_write_bytes
-from converters.fp8_plan import FINISHED_FILE, STATE_DIR, CastPlan, ShardJob, shard_is_done
-from converters.fp8_shard import convert_shard, remove_dead_temps
+from converters.fp8.plan import FINISHED_FILE, STATE_DIR, CastOptions, CastPlan, ShardJob, plan_cast, shard_is_done
+from converters.fp8.shard import convert_shard, remove_dead_temps
+from converters.fp8.verify import verify_cast
+from converters.hf.safetensors_io import INDEX_NAME
 from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
-from converters.safetensors_io import INDEX_NAME
-from converters.safety import check_free_space, check_paths, check_readable, resolve_device
+from converters.jobs.progress import Progress
+from converters.preflight import check_free_space, check_paths, check_readable, resolve_device
 
 
 @dataclass
@@ -167,3 +170,24 @@ def _convert_shards(plan: CastPlan, shard_names: list[str], device: str, threads
     by_name = {shard.name: shard for shard in plan.shards}
     for name in shard_names:
         convert_shard(plan, by_name[name], torch.device(device), report)
+
+
+def cast_command(src: Path, dst: Path, options: CastOptions, verify: bool, as_json: bool, quiet: bool) -> int:
+    """`convert fp8-bf16`: plan, run with progress, optionally verify, print; 0 done, 1 this part done."""
+    plan = plan_cast(src, dst, options)
+    with Progress("fp8->bf16", quiet=quiet or as_json) as progress:
+        summary = run_cast(plan, progress.start)
+    if verify and summary.finalized:
+        summary.verify = verify_cast(plan)
+    if as_json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        print(
+            f"{summary.shards_converted} shard(s) converted, {summary.shards_skipped} already done; "
+            f"{summary.tensors} tensors ({summary.fp8_tensors} FP8); {summary.bytes_in / 1e9:.2f} GB in, "
+            f"{summary.bytes_out / 1e9:.2f} GB out in {summary.seconds:.1f} s ({summary.gb_per_s:.2f} GB/s)"
+        )
+        if summary.verify:
+            print(f"verify: {summary.verify['blocks_checked']} FP8 blocks and {summary.verify['tensors_compared']} tensors match the source")
+        print(f"output: {summary.dst}" + ("" if summary.finalized else " (waiting for the other --shard parts)"))
+    return 0 if summary.finalized else 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +184,14 @@ def convert(src: Path, dst: Path, strict: bool = False) -> dict[str, SplitReport
     for split, data in outputs.items():
         atomic_write_bytes(Path(dst) / f"{split}.parquet", data)
     return reports
+
+
+def lighteval_command(src: Path, dst: Path, strict: bool, as_json: bool) -> int:
+    """`convert math-lighteval`: write the splits and print their counts."""
+    reports = convert(src, dst, strict)
+    if as_json:
+        print(json.dumps({split: asdict(report) for split, report in reports.items()}, indent=2))
+    else:
+        for split, report in reports.items():
+            print(f"{split}: {report.written} rows written to {dst / (split + '.parquet')}, {report.skipped} skipped (no boxed answer)")
+    return 0

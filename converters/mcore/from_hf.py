@@ -3,7 +3,7 @@
 One process, no GPU needed, bounded memory: tensors are planned at their global shapes from the
 headers alone, then read, dequantised (FP8) and written chunk by chunk into bins of `.distcp` files.
 The result loads at any TP/PP/EP with megatron-core's `dist_checkpointing.load`. With `align_tp`/`align_etp`
-the chunks are cut at the slices a training plan's ranks ask for (converters/tp_layout.py), so that each rank
+the chunks are cut at the slices a training plan's ranks ask for (converters/mcore/tp_layout.py), so that each rank
 reads only its own bytes at load; without them the output is what it always was.
 """
 
@@ -19,8 +19,15 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
-from converters.buffers import BufferPool
-from converters.dist_ckpt import (
+from converters.hf.buffers import BufferPool
+from converters.hf.checkpoint import HFCheckpoint, SourceError
+from converters.jobs.claim import Destination
+from converters.jobs.options import JobOptions
+from converters.jobs.partition import balance
+from converters.jobs.pool import run_workers
+from converters.jobs.progress import Progress
+from converters.mcore.config import ConfigError, mcore_config_kwargs
+from converters.mcore.dist_ckpt import (
     BIN_BYTES,
     PREFETCH_BYTES,
     RELEASE_DIR,
@@ -34,15 +41,9 @@ from converters.dist_ckpt import (
     make_bins,
     plan_pieces,
 )
-from converters.hf_source import HFCheckpoint, SourceError
-from converters.jobs.claim import Destination
-from converters.jobs.options import JobOptions
-from converters.jobs.partition import balance
-from converters.jobs.pool import run_workers
-from converters.mcore_config import ConfigError, mcore_config_kwargs
-from converters.mcore_mapping import Chunk, MappingError, check_shapes, plan_mapping
-from converters.safety import ConvertError, check_free_space, check_paths, resolve_device
-from converters.tp_layout import BoxReader, LayoutError, align_mapping
+from converters.mcore.mapping import Chunk, MappingError, check_shapes, plan_mapping
+from converters.mcore.tp_layout import BoxReader, LayoutError, align_mapping
+from converters.preflight import ConvertError, check_free_space, check_paths, resolve_device
 
 
 @dataclass(frozen=True)
@@ -234,3 +235,25 @@ def _run_workers(plan: McorePlan, release: Path, pending: list[int], device: str
     run_workers(_write_bins, [(str(plan.src), str(release), bins, device, readers) for bins in assignment], progress,
                 [f"worker {w + 1} ({device}, {len(bins)} bin(s))" for w, bins in enumerate(assignment)])
 
+
+
+def mcore_command(src: Path, dst: Path, options: McoreOptions, as_json: bool, quiet: bool) -> int:
+    """`convert hf-mcore`: plan, write with progress, print; 0 done, 1 this --shard part done."""
+    plan = plan_conversion(src, dst, options)
+    with Progress("hf->mcore", quiet=quiet or as_json) as progress:
+        summary = run_conversion(plan, progress.start)
+    if as_json:
+        print(json.dumps(summary.to_json(), indent=2))
+    else:
+        for note in summary.notes:
+            print(note)
+        print(
+            f"{summary.bins_written} bin(s) written, {summary.bins_skipped} already there; {summary.tensors} tensors, "
+            f"{summary.objects} extra-state objects, {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s"
+            + ("" if summary.layout == "global" else f"; chunks {summary.layout}")
+        )
+        if summary.finalized:
+            print(f"dist_checkpointing_path: {summary.dist_checkpointing_path}")
+        else:
+            print("waiting for the other --shard parts; the last one writes .metadata")
+    return 0 if summary.finalized else 1

@@ -19,10 +19,11 @@ from faults import assert_gone, fill, spawned_workers, wait_until
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from converters.fixtures import EXTRA_FILES, dequantised, hf_logits, load_checkpoint, make_fp8_checkpoint
-from converters.fp8_bf16 import run_cast
-from converters.fp8_plan import FINISHED_FILE, CastOptions, plan_cast
-from converters.safety import ConvertError
+from converters.fp8.cast import run_cast
+from converters.fp8.plan import FINISHED_FILE, CastOptions, plan_cast
+from converters.mcore.check import hf_logits
+from converters.preflight import ConvertError
+from converters.testing import EXTRA_FILES, dequantised, load_checkpoint, make_fp8_checkpoint
 
 SCALE_ELSEWHERE = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
 
@@ -254,7 +255,7 @@ def test_not_enough_space_is_refused_before_writing(fp8_model, tmp_path, monkeyp
     class Usage:
         free = 1000
 
-    monkeypatch.setattr("converters.safety.shutil.disk_usage", lambda path: Usage())
+    monkeypatch.setattr("converters.preflight.shutil.disk_usage", lambda path: Usage())
     with pytest.raises(ConvertError, match="not enough space"):
         run_cast(plan)
     assert not list(dst.glob("*.safetensors"))

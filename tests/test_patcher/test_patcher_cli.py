@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from converters.fixtures import deepseek_v3_config
+from converters.testing import deepseek_v3_config
 from patcher.cli import main
 from patcher.patches import installed_megatron_spec
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from converters.fixtures import make_fp8_checkpoint
-from converters.mcore_check import coverage, stored_keys
+from converters.mcore.check import coverage, stored_keys
+from converters.testing import make_fp8_checkpoint
 
-CAPTURES = sorted((Path(__file__).parent / "data" / "te_keys").glob("*.json"))
+CAPTURES = sorted((Path(__file__).parents[1] / "data" / "te_keys").glob("*.json"))
 # A key the real model asks for that no converter can fill: megatron-core 0.19 fuses a q norm into
 # linear_q_proj when q_lora_rank is null, and DeepSeek-V2-Lite has no such norm (no value is right).
 # The checker names it; here it is allowed only for that model on that release.

@@ -6,9 +6,9 @@ import random
 
 import torch
 
-from converters.fp8_plan import CastError, CastPlan, TensorJob
-from converters.hf_source import row_range
-from converters.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from converters.fp8.plan import CastError, CastPlan, TensorJob
+from converters.hf.checkpoint import row_range
+from converters.hf.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
 from kernels.fp8 import dequant_fp8_blocks
 
 _FULL_COMPARE_BYTES = 4 * 1024 * 1024

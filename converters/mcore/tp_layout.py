@@ -3,11 +3,11 @@
 torch DCP's reader loads every stored chunk that overlaps a request whole, and megatron-core's load
 does not deduplicate across ranks. A tensor stored at its global shape as one chunk is therefore read
 TP times over (ETP for routed experts). `align_mapping` re-cuts the global plan of
-`converters.mcore_mapping` so that every chunk lies inside one rank's slice: the checkpoint still
+`converters.mcore.mapping` so that every chunk lies inside one rank's slice: the checkpoint still
 holds every tensor at its global shape (it loads at any TP/PP/EP), only the chunk boundaries move.
 
 How megatron-core 0.16.1 shards each tensor (checked against the real model's `sharded_state_dict`
-at TP2 x EP2 in tests/test_tp_layout.py):
+at TP2 x EP2 in tests/test_converters/test_mcore_tp_layout.py):
 - column-parallel (dim 0, after the expert axis for routed experts): attention up projections, the
   vocab-parallel embedding and output layer, the MTP `eh_proj`, and SwiGLU `linear_fc1`, whose gate
   and up halves are two requests (`apply_swiglu_sharded_factory`), so each half is cut on its own;
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from converters.mcore_mapping import Chunk, MappingPlan, McoreTensor
+from converters.mcore.mapping import Chunk, MappingPlan, McoreTensor
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 
@@ -89,7 +89,7 @@ def sharding_of(key: str, ndim: int) -> Sharding:
             if kind == REPLICATED:
                 return Sharding(kind, None, False)
             return Sharding(kind, ndim - 2 if kind == COLUMN else ndim - 1, name.startswith(EXPERT_PREFIX))
-    raise LayoutError(f"{key}: no tensor-parallel rule for this tensor (converters/tp_layout.py SHARDING)")
+    raise LayoutError(f"{key}: no tensor-parallel rule for this tensor (converters/mcore/tp_layout.py SHARDING)")
 
 
 def split_points(start: int, length: int, parts: int) -> list[int]:

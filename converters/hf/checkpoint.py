@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from converters.buffers import BufferPool
+from converters.hf.buffers import BufferPool
+from converters.hf.safetensors_io import DTYPES, SafetensorsError, TensorInfo, load_index, read_header, read_tensor
 from converters.jobs.errors import ConvertError
-from converters.safetensors_io import DTYPES, SafetensorsError, TensorInfo, load_index, read_header, read_tensor
-from converters.safety import read_config
+from converters.preflight import read_config
 from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks
 
 SCALE_SUFFIX = "_scale_inv"

@@ -1,0 +1,1 @@
+"""Training data: MATH-lighteval -> verl parquet (`convert math-lighteval`)."""

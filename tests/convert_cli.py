@@ -1,0 +1,19 @@
+"""`convert` run as users run it (a subprocess), for the converter tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "converters.cli", *args, "--quiet"], capture_output=True, text=True)
+
+
+def to_mcore(src: Path, dst: Path, *extra: str) -> Path:
+    """`convert hf-mcore` into dst; the dist_checkpointing_path (dst/release)."""
+    result = convert("hf-mcore", "--src", str(src), "--dst", str(dst), *extra)
+    assert result.returncode == 0, result.stderr
+    assert (dst / "latest_checkpointed_iteration.txt").read_text() == "release"
+    return dst / "release"

@@ -282,6 +282,8 @@ class BinWriter:
                 results = writer.write_data(plan, planner).wait()
         except RuntimeError as exc:
             raise _write_failure(self.release / f"__{index}_0.distcp", sum(p.nbytes for p in pieces), exc) from exc
+        except OSError as exc:  # a failed write on an open file carries no file name: give it the bin's
+            raise _named(exc, self.release / f"__{index}_0.distcp") from exc
         planner.done_with_last()
         written = time.perf_counter()
         for commit in self.commits:  # at most one bin waits for its fsync while the next is written
@@ -291,13 +293,20 @@ class BinWriter:
             self.seconds[stage] += seconds
 
     def _commit(self, index: int, results) -> None:
-        fd = os.open(self.release / f"__{index}_0.distcp", os.O_RDONLY)
+        path = self.release / f"__{index}_0.distcp"
+        fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
+        except OSError as exc:
+            raise _named(exc, path) from exc
         finally:
             os.close(fd)
         fsync_dir(self.release)
         atomic_write_bytes(_results_path(self.release, index), pickle.dumps(results))
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    return exc if exc.filename else OSError(exc.errno, exc.strerror, str(path))
 
 
 def _write_failure(path: Path, nbytes: int, exc: RuntimeError) -> Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -254,5 +255,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def run() -> None:
+    """The `convert` command: main()'s exit code, also after a failure with native threads still unwinding.
+
+    After a failed write (disk full) a reader or torch thread can still be inside native code when the
+    interpreter shuts down, and its C++ runtime then aborts the process (SIGABRT, seen under the
+    disk-full test), turning exit 3 into -6. Files are already cleaned up by then: leave at once.
+    """
+    code = main()
+    if code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

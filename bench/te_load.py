@@ -49,27 +49,14 @@ def make_models(work: Path) -> dict[str, dict[str, Path]]:
 
 
 def _rank(rank: int, world: int, port: int, models: dict, layouts: list[str], scratch: str, backend: str) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from converters.mcore.check import check_on_rank, init_layout, init_world
 
-    from converters.mcore.check import NCCL_SAFE_ENV, check_on_rank
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **NCCL_SAFE_ENV)
-    if backend == "te":
-        torch.cuda.set_device(rank)
-        torch.distributed.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-    else:  # the same driver on CPU (gloo, local spec with TE names): a dry run of this script without GPUs
-        from converters.mcore.shim import install_cpu_shim
-
-        install_cpu_shim()
-        torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    init_world(rank, world, port, backend == "te")  # cpu: gloo and the local spec, a dry run without GPUs
     for name, paths in models.items():
         config = json.loads((Path(paths["bf16"]) / "config.json").read_text())
         for layout in layouts:
             tp, pp, ep = LAYOUTS[layout]
-            parallel_state.destroy_model_parallel()
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
-            model_parallel_cuda_manual_seed(1234, **({} if backend == "te" else {"inference_rng_tracker": True, "force_reset_rng": True}))
+            init_layout(tp, pp, ep, backend == "te")
             started = time.perf_counter()
             try:
                 outcome = check_on_rank(config, str(paths["release"]), tp, pp, ep, "te", backend)
@@ -89,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=2, help="processes (one per GPU)")
     parser.add_argument("--backend", choices=["te", "cpu"], default="te", help="cpu: gloo and the local spec, to try the script without GPUs")
     args = parser.parse_args(argv)
-    from converters.mcore.check import NCCL_SAFE_ENV, _free_port, hf_logits, versions
+    from converters.mcore.check import NCCL_SAFE_ENV, _free_port, agreement_with_hf, versions
 
     args.out.mkdir(parents=True, exist_ok=True)
     models = make_models(args.work)
@@ -111,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             row["asked_tensors"] = sum(v is not None for v in asked.values())
             row["asked_objects"] = sum(v is None for v in asked.values())
             if outcome.get("loaded"):
-                reference = hf_logits(paths["bf16"], outcome["ids"])
-                logits = outcome["logits"]
-                row["max_abs_diff"] = (logits - reference).abs().max().item()
-                row["cosine"] = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0).item()
+                row["max_abs_diff"], row["cosine"] = agreement_with_hf(paths["bf16"], outcome["ids"], outcome["logits"])
             summary["results"][f"{name}/{layout}"] = row
             if asked:
                 keys["models"][name]["layouts"][layout] = asked

@@ -247,21 +247,34 @@ def _forward(model, config: dict, tp: int, te: bool):
     return ids, output
 
 
-def _init(rank: int, world: int, port: int, tp: int, pp: int, ep: int, te: bool) -> None:
+def init_world(rank: int, world: int, port: int, te: bool) -> None:
+    """This process's place in a world on 127.0.0.1: NCCL on GPU `rank`, or gloo with the CPU shim."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **NCCL_SAFE_ENV)
+    if te:
+        torch.cuda.set_device(rank)
+        torch.distributed.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+        return
+    from converters.mcore.shim import install_cpu_shim
+
+    install_cpu_shim()
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def init_layout(tp: int, pp: int, ep: int, te: bool) -> None:
+    """Megatron's model-parallel groups and RNG for one layout (again after another layout's)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from converters.mcore.shim import init_distributed, install_cpu_shim
-
-    if not te:
-        install_cpu_shim()
-        init_distributed(rank, world, port, tp=tp, pp=pp, ep=ep)
-        return
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **NCCL_SAFE_ENV)
-    torch.cuda.set_device(rank)
-    torch.distributed.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
-    model_parallel_cuda_manual_seed(1234)
+    model_parallel_cuda_manual_seed(1234, **({} if te else {"inference_rng_tracker": True, "force_reset_rng": True}))
+
+
+def agreement_with_hf(hf_dir: Path, ids: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """(max |logits difference|, cosine) against transformers' float32 logits on the same tokens."""
+    reference = hf_logits(hf_dir, ids)
+    cosine = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0).item()
+    return (logits - reference).abs().max().item(), cosine
 
 
 def check_on_rank(config: dict, mcore_dir: str, tp: int, pp: int, ep: int, spec: str, backend: str) -> dict:
@@ -303,7 +316,8 @@ def check_on_rank(config: dict, mcore_dir: str, tp: int, pp: int, ep: int, spec:
 
 
 def _rank_main(rank: int, world: int, port: int, hf_dir: str, mcore_dir: str, tp: int, pp: int, ep: int, spec: str, backend: str, result: str) -> None:
-    _init(rank, world, port, tp, pp, ep, backend == "te")
+    init_world(rank, world, port, backend == "te")
+    init_layout(tp, pp, ep, backend == "te")
     config = json.loads((Path(hf_dir) / "config.json").read_text())
     outcome = check_on_rank(config, mcore_dir, tp, pp, ep, spec, backend)
     if rank == world - 1:
@@ -356,10 +370,7 @@ def run_check(hf_dir: Path, mcore_dir: Path, tp: int = 1, pp: int = 1, ep: int =
     report.unset = outcome.get("unset", [])
     report.tolerance = TE_ATOL if backend == "te" else ATOL
     if report.loaded:
-        reference = hf_logits(hf_dir, outcome["ids"])
-        logits = outcome["logits"]
-        report.max_abs_diff = (logits - reference).abs().max().item()
-        report.cosine = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0).item()
+        report.max_abs_diff, report.cosine = agreement_with_hf(hf_dir, outcome["ids"], outcome["logits"])
     return report, outcome
 
 

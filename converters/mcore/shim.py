@@ -6,8 +6,6 @@ dist checkpoint on CPU. Nothing here is needed (or used) on a GPU machine.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 
@@ -26,15 +24,10 @@ def install_cpu_shim() -> None:
 
 def init_distributed(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
     """gloo process group on 127.0.0.1 and megatron's model-parallel groups."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from converters.mcore.check import init_layout, init_world
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
-    )
-    model_parallel_cuda_manual_seed(1234, inference_rng_tracker=True, force_reset_rng=True)
+    init_world(rank, world_size, port, te=False)
+    init_layout(tp, pp, ep, te=False)
 
 
 def local_core_attention():

@@ -408,15 +408,23 @@ class MegatronTree:
             states.append(PatchState(ROPE_GRADIENT, "", UNSUPPORTED, f"{self.spec.path} is not inside a Megatron tree: the seed edit needs the rope-gradient fix in the same tree's {MLA_RELATIVE}; give the tree"))
         return states
 
-    def _export_flag_state(self, shipped_duplicated: bool | None) -> PatchState:
-        patch = self.export_flag
+    @staticmethod
+    def _settled_state(name: str, patch, upstream: str):
+        """(fields every state of this patch shares, its state when the file settles it: unsupported,
+        applied or already upstream; else None, and the caller decides from the stack)."""
         found = patch.file_state()
         backup = str(patch.backup_path) if patch.has_backup() else None
-        base = {"name": EXPORT_FLAG, "path": str(patch.path), "line": found.line, "backup": backup}
+        base = {"name": name, "path": str(patch.path), "line": found.line, "backup": backup}
         if found.state in (UNSUPPORTED, APPLIED):
-            return PatchState(**base, state=found.state, message=found.message)
+            return found, base, PatchState(**base, state=found.state, message=found.message)
         if found.state == "present":
-            return PatchState(**base, state=UPSTREAM, message=f"present upstream (megatron-core 0.17+): {found.message}")
+            return found, base, PatchState(**base, state=UPSTREAM, message=f"present upstream{upstream}: {found.message}")
+        return found, base, None
+
+    def _export_flag_state(self, shipped_duplicated: bool | None) -> PatchState:
+        found, base, settled = self._settled_state(EXPORT_FLAG, self.export_flag, " (megatron-core 0.17+)")
+        if settled is not None:
+            return settled
         if shipped_duplicated is False:
             return PatchState(
                 **base, state=NOT_NEEDED,
@@ -425,14 +433,9 @@ class MegatronTree:
         return PatchState(**base, state=NEEDED, message=f"{found.message}: flag-based exporters would send vLLM TP stacked copies of q/kv down projections")
 
     def _rope_state(self, column_now: bool | None, fused: bool | None, seed_edit: bool, rope_fix: bool) -> PatchState:
-        patch = self.rope
-        found = patch.file_state()
-        backup = str(patch.backup_path) if patch.has_backup() else None
-        base = {"name": ROPE_GRADIENT, "path": str(patch.path), "line": found.line, "backup": backup}
-        if found.state in (UNSUPPORTED, APPLIED):
-            return PatchState(**base, state=found.state, message=found.message)
-        if found.state == "present":
-            return PatchState(**base, state=UPSTREAM, message=f"present upstream: {found.message}")
+        found, base, settled = self._settled_state(ROPE_GRADIENT, self.rope, "")
+        if settled is not None:
+            return settled
         if column_now is not False or rope_fix:
             why = "requested with --rope-fix" if rope_fix and column_now is False else (
                 "the seed edit makes the down projections column-parallel" if seed_edit else "the down projections are column-parallel"

@@ -142,10 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors shards with an index; config.json and tokenizer files come from --hf-config. "
         "Tensors keep their stored dtype; memory stays near the largest tensor.",
         epilog=exit_codes("bad input; the message names the file and tensor") + "\nexample:\n"
-        "  convert mcore-hf --src ckpt/global_step_100/actor --hf-config /models/DeepSeek-V3-0324 --dst /models/step100-hf\n",
+        "  convert mcore-hf --src ckpt/global_step_100/actor --hf-config /models/DeepSeek-V3-0324 --dst /models/step100-hf\n"
+        "  convert mcore-hf --src runs/grpo/checkpoints --hf-config model/ --dst step-latest-hf   (the latest saved step)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    export.add_argument("--src", type=Path, required=True, help="checkpoint dir (holding release/ or .metadata)")
+    export.add_argument("--src", type=Path, required=True,
+                        help="a torch_dist dir (.metadata), our hf-mcore output, verl's checkpoints dir (the latest step "
+                        "by latest_checkpointed_iteration.txt), or one of its global_step_N or global_step_N/actor dirs")
     export.add_argument("--hf-config", type=Path, required=True, help="HF dir whose config.json and tokenizer describe the model")
     export.add_argument("--dst", type=Path, required=True, help="new output dir")
     _output_flags(export, "write into a non-empty DST")
@@ -164,6 +167,22 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dst", type=Path, required=True, help="output dir for train.parquet and test.parquet")
     data.add_argument("--strict", action="store_true", help="a row without a boxed answer is an error")
     data.add_argument("--json", action="store_true", help="print the counts as JSON")
+    prompts = commands.add_parser(
+        "prompts",
+        help="your own prompts (JSONL/JSON/parquet: prompt, ground_truth) -> verl train.parquet / test.parquet",
+        description="Prepare prompts for verl GRPO with a reward function of your own: each row's `prompt` (a "
+        "string, or a list of {role, content} messages) becomes the chat prompt, `ground_truth` (optional) the "
+        "reward model's ground truth, and every row gets --data-source, on which the reward function dispatches. "
+        "Splits come from the file names (train, test); a single file is the train split.",
+        epilog=exit_codes("unreadable input or a row without a usable prompt (the message names file and row)") + "\n"
+        "example:\n  convert prompts --src task.jsonl --dst data/task --data-source dsv3-toolkit/digit-share\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prompts.add_argument("--src", type=Path, required=True, help="a file, or a dir of split files (train*.jsonl, test*.jsonl, ...)")
+    prompts.add_argument("--dst", type=Path, required=True, help="output dir for <split>.parquet")
+    prompts.add_argument("--data-source", required=True, help="the data_source column (the reward function dispatches on it)")
+    prompts.add_argument("--ability", default="custom", help="the ability column (default custom)")
+    prompts.add_argument("--json", action="store_true", help="print the counts as JSON")
     return parser
 
 
@@ -233,7 +252,14 @@ def run_math_lighteval(args: argparse.Namespace) -> int:
     return lighteval_command(args.src, args.dst, args.strict, as_json=args.json)
 
 
-COMMANDS = {"fp8-bf16": run_fp8_bf16, "hf-mcore": run_hf_mcore, "mcore-hf": run_mcore_hf, "math-lighteval": run_math_lighteval}
+def run_prompts(args: argparse.Namespace) -> int:
+    from converters.data.prompts import prompts_command
+
+    return prompts_command(args.src, args.dst, args.data_source, args.ability, as_json=args.json)
+
+
+COMMANDS = {"fp8-bf16": run_fp8_bf16, "hf-mcore": run_hf_mcore, "mcore-hf": run_mcore_hf, "math-lighteval": run_math_lighteval,
+            "prompts": run_prompts}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,3 +265,138 @@ def math_sample_rows() -> dict[str, list[dict[str, str]]]:
         {"problem": "Write $0.5$ as a fraction.", "level": "Level 1", "type": "Prealgebra", "solution": "$\\boxed{\\dfrac{1}{2}}$"},
     ]
     return {"train": train, "test": test}
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny DeepSeek-V3 that real engines serve (vLLM, Megatron-Bridge, transformers), for GRPO runs.
+# MLA keeps the release's attention sizes (kv_lora_rank + qk_rope_head_dim = 576 selects vLLM's
+# Hopper MLA backends; 128/64/128 head dims), everything else is small. vocab_size is a multiple of
+# 1280 like the release's 129280 (Megatron-Bridge's divisor for this family: no padding question).
+SERVABLE_DEEPSEEK_V3 = {
+    "vocab_size": 1280,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "moe_intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "q_lora_rank": 192,
+    "kv_lora_rank": 512,
+    # routing in DeepSeek-V3's proportions: 4 experts per group, top-k / topk_group = 2 (the release: 8 / 4),
+    # the two top scores per group that HF, vLLM and megatron-core all sum to rank groups
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "n_group": 4,
+    "topk_group": 2,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 1,
+    "routed_scaling_factor": 2.5,
+    "max_position_embeddings": 4096,
+    "num_nextn_predict_layers": 1,
+}
+# DeepSeek's own special tokens (fullwidth bar U+FF5C, block U+2581): verl's DeepSeek prompt builder looks them up.
+SPECIAL_TOKENS = ["<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<\uff5c\u2581pad\u2581\uff5c>",
+                  "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"]
+# DeepSeek-V3's chat template in shape (BOS, role markers, EOS after each assistant turn), shorter.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}<\uff5cUser\uff5c>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<\uff5cAssistant\uff5c>{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<\uff5cAssistant\uff5c>{% endif %}"
+)
+_WORDS = ("the", "a", "of", "number", "answer", "digit", "write", "reply", "with", "only", "what", "is", "sum",
+          "find", "value", "let", "think", "step", "by", "and", "final", "output", "within", "boxed", "solve",
+          "simplify", "area", "square", "fraction", "evaluate", "interval", "for", "set", "size", "first", "so")
+
+
+def tokenizer_corpus(lines: int = 6000, seed: int = 0) -> list[str]:
+    """Generated training text for the tiny tokenizer: English-like and made-up words, a few short
+    numbers, LaTeX, the MATH sample. Numbers are rare, so few tokens are digits only (the GRPO smoke
+    task rewards digits and should start low)."""
+    import random
+
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"]
+    made_up = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)]
+    corpus = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) if rng.random() < 0.5 else rng.choice(made_up) for _ in range(rng.randint(3, 12))]
+        if rng.random() < 0.3:
+            words.insert(rng.randint(0, len(words)), str(rng.randint(0, 999)))
+        if rng.random() < 0.2:
+            words.append(rng.choice(["$\\frac{a}{b}$", "\\boxed{x}", "$x^2$", "$\\sqrt{y}$", "$y+z$", "\\dfrac{1}{2}"]))
+        corpus.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
+    for rows in math_sample_rows().values():
+        corpus += [row["problem"] + " " + row["solution"] for row in rows]
+    return corpus
+
+
+def write_tokenizer(dst, vocab_size: int = 1280, seed: int = 0) -> int:
+    """Train a byte-level BPE tokenizer on generated text (any input encodes, nothing unknown) and write
+    tokenizer.json + tokenizer_config.json (chat template, BOS/EOS/pad) into `dst`; returns its size."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(tokenizer_corpus(seed=seed), trainer=trainer)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(dst / "tokenizer.json"))
+    bos, eos, pad = SPECIAL_TOKENS[:3]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096, "chat_template": CHAT_TEMPLATE,
+    }
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return tokenizer.get_vocab_size()
+
+
+def make_servable_fp8_checkpoint(dst, seed: int = 0, shards: int = 2, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A tiny DeepSeek-V3 in the FP8 release layout that vLLM serves and Megatron-Bridge builds: random
+    weights, a trained tokenizer with a chat template, generation_config.json, the release's config keys
+    (yarn rope_scaling, noaux_tc sigmoid router, groups, MTP layer, quantization_config)."""
+    import json
+    from pathlib import Path
+
+    settings = {**SERVABLE_DEEPSEEK_V3, **(overrides or {})}
+    config, state = tiny_bf16_state_dict(settings, seed)
+    release = deepseek_v3_config()
+    # the release's key set and order, with our sizes; special token ids from the tokenizer below
+    config = {key: config.get(key, value) for key, value in release.items()}
+    config.update({key: value for key, value in settings.items() if key in release})
+    config.update(bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16", num_nextn_predict_layers=settings["num_nextn_predict_layers"])
+    config["rope_scaling"] = {**release["rope_scaling"], "original_max_position_embeddings": settings["max_position_embeddings"]}
+    config["max_position_embeddings"] = settings["max_position_embeddings"] * release["rope_scaling"]["factor"]
+    config.pop("auto_map")  # no remote code: transformers, vLLM and Megatron-Bridge know deepseek_v3
+    write_checkpoint(dst, config, quantise_state_dict(state), shards)
+    dst = Path(dst)
+    (dst / "modeling_deepseek.py").unlink()
+    (dst / "tokenizer_config.json").unlink()
+    size = write_tokenizer(dst, settings["vocab_size"], seed)
+    if size > settings["vocab_size"]:
+        raise ValueError(f"tokenizer has {size} entries, more than vocab_size {settings['vocab_size']}")
+    generation = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 1.0, "top_p": 1.0}
+    (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return config
+
+
+def digit_task_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Prompts of the GRPO smoke task (reward: share of digits in the response, `launch/rewards.py`),
+    as `convert prompts` reads them: a short request with a few generated words, no ground truth."""
+    import random
+
+    rng = random.Random(seed)
+    asks = ("Reply with a number", "Write digits only", "Give the answer as digits", "Output a long number")
+    return [{"prompt": f"{rng.choice(asks)}: {' '.join(rng.choice(_WORDS) for _ in range(rng.randint(2, 6)))}", "ground_truth": ""}
+            for _ in range(count)]

@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--join-timeout", type=float, default=600, help="seconds the head waits for every node (default 600)")
     grpo.add_argument("--run-dir", type=Path, help="logs go here (default runs/grpo-<time>)")
     grpo.add_argument("--print-config", action="store_true", help="run verl in config-print mode (--cfg job) instead of training")
+    saving = grpo.add_argument_group("checkpoints and resume", "verl saves the actor (weights as a Megatron dist checkpoint, fp32 "
+                                     "optimizer state, RNG) and the data position every N steps; the same command resumes "
+                                     "from the latest complete one (stop with SIGTERM or Ctrl-C at any time)")
+    saving.add_argument("--save-every", type=int, default=20, metavar="N", help="save every N steps and at the last step (default 20; 0: never)")
+    saving.add_argument("--ckpt-dir", type=Path, help="where checkpoints go (default RUN_DIR/checkpoints; give --run-dir to resume)")
+    saving.add_argument("--keep-ckpts", type=int, default=2, metavar="K", help="keep the last K checkpoints of this process (default 2; 0: all)")
+    saving.add_argument("--resume", default="auto", metavar="auto|never|DIR",
+                        help="auto (default): from the latest checkpoint in --ckpt-dir if any; never: start over; "
+                        "or a global_step_N dir")
+    grpo.add_argument("--reward-fn", metavar="FILE[:NAME]",
+                      help="a Python file whose function NAME (default compute_score) verl calls as "
+                      "fn(data_source, solution_str, ground_truth, extra_info); default: verl's own scorers "
+                      "(MATH-lighteval and others). launch/rewards.py adds the toolkit's digit-share smoke task")
+    grpo.add_argument("--test-every", type=int, default=10, metavar="N", help="validate every N steps (default 10; -1: only before training)")
     grpo.add_argument("--json", action="store_true")
     return parser
 
@@ -112,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             node_rank=args.node_rank, head=args.head, ray_port=args.ray_port, ray_address=args.ray_address,
             python=args.python, dashboard_host=args.dashboard_host, dashboard_port=args.dashboard_port,
             join_timeout=args.join_timeout, run_dir=args.run_dir, print_config=args.print_config, as_json=args.json,
+            save_every=args.save_every, ckpt_dir=args.ckpt_dir, keep_ckpts=args.keep_ckpts or None, resume=args.resume,
+            reward_fn=args.reward_fn, test_every=args.test_every,
         ))
     if args.command == "report":
         from launch.report import report_command

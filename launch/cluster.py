@@ -57,6 +57,25 @@ class NodeSpec:
         return {"RAY_USAGE_STATS_ENABLED": "0", **(LOCAL_ONLY_ENV if self.local_only else {})}
 
 
+# what Ray's dashboard (and with it the job API behind --ray-address) imports; a minimal Ray lacks them
+DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "opentelemetry", "prometheus_client")
+
+
+def dashboard_missing() -> list[str]:
+    """The dashboard's modules this Python cannot import (empty: `ray start --include-dashboard=true` works)."""
+    import importlib.util
+
+    missing = []
+    for module in DASHBOARD_MODULES:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
 def ray_executable() -> str:
     found = shutil.which("ray", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if not found:
@@ -69,8 +88,11 @@ def start_node(spec: NodeSpec, environment: dict[str, str], log: Path) -> subpro
     args = [ray_executable(), "start", "--block", f"--num-gpus={spec.gpus}", "--disable-usage-stats",
             f"--resources={json.dumps({f'dsv3_node_{spec.rank}': 1})}"]
     if spec.rank == 0:
-        args += ["--head", f"--port={spec.port}", f"--node-ip-address={spec.head}", f"--dashboard-host={spec.dashboard_host}",
-                 f"--dashboard-port={spec.dashboard_port}", "--include-dashboard=true"]
+        args += ["--head", f"--port={spec.port}", f"--node-ip-address={spec.head}"]
+        # a minimal Ray (ray without its [default] extra) refuses to start when asked for a dashboard;
+        # the trainer does not need it, only `--ray-address` job submission and the web view do
+        args += [f"--dashboard-host={spec.dashboard_host}", f"--dashboard-port={spec.dashboard_port}", "--include-dashboard=true"] \
+            if not dashboard_missing() else ["--include-dashboard=false"]
     else:
         args += [f"--address={spec.address}"]
         if is_loopback(spec.head):
@@ -81,7 +103,7 @@ def start_node(spec: NodeSpec, environment: dict[str, str], log: Path) -> subpro
 
 
 def stop_node(process: subprocess.Popen, timeout: float = 30) -> None:
-    """Stop our `ray start --block` and everything it started (its process group)."""
+    """Stop a child we started in its own process group (`ray start --block`, the trainer) and everything in it."""
     if process.poll() is None:
         try:
             os.killpg(process.pid, signal.SIGTERM)
@@ -131,13 +153,26 @@ def wait_for_nodes(spec: NodeSpec, timeout: float, poll: float = 2.0) -> dict[in
 
 
 def run_tee(command: list[str], log: Path, environment: dict[str, str]) -> int:
-    """Run `command` with `environment` added, copying its output to our stdout and to `log`; return its exit code."""
-    with open(log, "ab") as sink, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **environment}) as process:
-        for line in process.stdout:
-            sys.stdout.buffer.write(line)
-            sys.stdout.buffer.flush()
-            sink.write(line)
-        return process.wait()
+    """Run `command` with `environment` added, copying its output to our stdout and to `log`; return its exit code.
+
+    The command runs in its own process group; if we are interrupted (Ctrl-C, SIGTERM turned into
+    KeyboardInterrupt) it is stopped with its group before the exception goes on: the trainer never
+    outlives the launcher."""
+    with open(log, "ab") as sink:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **environment},
+                                   start_new_session=True)
+        try:
+            for line in process.stdout:
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
+                sink.write(line)
+                sink.flush()  # `tail -f train.log` and `launch report` see each line as it comes
+            return process.wait()
+        except BaseException:
+            stop_node(process)
+            raise
+        finally:
+            process.stdout.close()
 
 
 def run_on_cluster(command: list[str], log: Path, environment: dict[str, str], spec: NodeSpec) -> int:

@@ -22,10 +22,21 @@ from launch.cluster import (
     wait_for_nodes,
     wait_until_head_leaves,
 )
-from launch.overrides import build_overrides, command_line, dialect, installed_verl, validate_with_verl
-from launch.plan import Plan, PlanError, make_plan, plan_report
+from launch.overrides import (
+    ACTOR_TRANSFORMER,
+    RunSettings,
+    build_overrides,
+    command_line,
+    dialect,
+    installed_verl,
+    stack_requirements,
+    validate_with_verl,
+)
+from launch.plan import Plan, PlanError, count_params, make_plan, plan_report
 
 NODE_ENVIRONMENT = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
+# what one saved step holds per parameter: bf16 weights (model/dist_ckpt) + fp32 master, Adam m and v (optimizer/)
+CKPT_BYTES_PER_PARAM = 2 + 4 + 4 + 4
 
 
 @dataclass
@@ -84,6 +95,130 @@ def _check_model(preflight: Preflight, model: Path) -> None:
         preflight.add("HF config", False, f"{status.message}: run `patcher apply {model}`")
     else:
         preflight.add("HF config", status.state != "unsupported", status.message)
+
+
+def check_group_routing(preflight: Preflight, config: dict) -> None:
+    """megatron-core ranks expert groups by the sum of each group's top (top-k / topk_group) scores; DeepSeek's
+    code, transformers and vLLM by the top 2. They agree only when top-k = 2 x topk_group (DeepSeek-V3: 8 = 2 x 4).
+    Otherwise the Megatron actor and vLLM route tokens to different experts: a different model (measured on a
+    tiny model with top-k 2 of 2 groups: 0.1 max |logit| difference against transformers, 6e-7 once 4 = 2 x 2)."""
+    groups = config.get("n_group") or 1
+    if groups <= 1 or not config.get("n_routed_experts"):
+        return
+    topk, group_topk = config.get("num_experts_per_tok"), config.get("topk_group") or 1
+    ok = topk == 2 * group_topk
+    preflight.add("MoE group routing", ok, f"top-{topk} experts from {group_topk} of {groups} groups"
+                  + ("" if ok else f": megatron-core scores a group by its top {topk // group_topk} expert(s), vLLM and transformers "
+                     "by its top 2, so training and rollout route differently; only num_experts_per_tok = 2 x topk_group agrees"))
+
+
+def _check_hf_index(preflight: Preflight, model: Path, config: dict, dist_checkpoint: bool) -> None:
+    """The weight sync into vLLM takes the HF tensor names from model.safetensors.index.json (Megatron-Bridge
+    reads names only, no tensor data, when the actor loads a dist checkpoint); a name missing there is
+    skipped with a warning and vLLM keeps its dummy weights for it. Shards are needed only without one."""
+    from converters.mcore.to_hf import hf_tensor_shapes
+
+    index = model / "model.safetensors.index.json"
+    shards = sorted(model.glob("*.safetensors"))
+    if not index.is_file():
+        if dist_checkpoint and not shards:
+            preflight.add("HF tensor names", False, f"{index} missing: the weight sync into vLLM takes the tensor names from it; "
+                          "copy the release's index (no shards needed)")
+        return
+    try:
+        names = set(json.loads(index.read_text())["weight_map"])
+        wanted = set(hf_tensor_shapes({**config, "num_nextn_predict_layers": 0}, 0))
+    except (OSError, ValueError, KeyError) as exc:
+        preflight.add("HF tensor names", False, f"{index}: unreadable ({exc})")
+        return
+    missing = sorted(wanted - names)
+    if missing:
+        preflight.add("HF tensor names", False, f"{index} lacks {len(missing)} tensor name(s) the model has, e.g. {missing[0]}: "
+                      "vLLM would keep dummy weights for them after the sync; use the model's own index")
+        return
+    where = "tensor names from the index; the shards are not read (actor and ref load the dist checkpoint)" if dist_checkpoint else \
+        f"{len(shards)} safetensors shard(s) hold the weights"
+    preflight.add("HF tensor names", dist_checkpoint or bool(shards), f"{index}: all {len(wanted)} names; {where}"
+                  if dist_checkpoint or shards else f"{model}: no safetensors shards, and the actor does not load a dist checkpoint")
+
+
+def check_stack_settings(preflight: Preflight, verl_config: dict | None, environment: Mapping[str, str], requirements) -> None:
+    """The settings this machine's stack needs are in the composed config (a --set can undo them)."""
+    if verl_config is None:
+        return
+    transformer = verl_config["actor_rollout_ref"]["actor"]["megatron"].get("override_transformer_config") or {}
+    problems, applied = [], []
+    for need in requirements:
+        if need.kind == "environment":
+            ok = environment.get(need.key) == need.value
+        else:
+            key = need.key.removeprefix("++").removeprefix(ACTOR_TRANSFORMER + ".")
+            ok = str(transformer.get(key)) == need.value
+        (applied if ok else problems).append(f"{need.setting} ({need.reason})")
+    message = "; ".join(problems) if problems else ("; ".join(applied) or "flash-attn, apex and flashinfer present: nothing to set")
+    preflight.add("stack settings", not problems, ("needed but overridden: " if problems else "") + message)
+
+
+def check_checkpoints(preflight: Preflight, config: dict, run: RunSettings) -> None:
+    """Where checkpoints go, what one weighs (bf16 weights + fp32 Adam state), whether the disk holds it, and resume."""
+    import shutil
+
+    if run.save_every <= 0:
+        preflight.add("checkpoints", True, "--save-every 0: this run saves nothing and cannot be resumed")
+        return
+    counts = count_params(config)
+    size = (counts.dense + counts.experts) * CKPT_BYTES_PER_PARAM
+    where = run.ckpt_dir
+    existing = where
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    keep = run.keep
+    fits = free // size if size else 0
+    detail = (f"every {run.save_every} steps to {where}; one checkpoint ~{human_bytes(size)} "
+              f"({(counts.dense + counts.experts) / 1e9:.3g}B parameters x {CKPT_BYTES_PER_PARAM} bytes: bf16 weights + fp32 master, Adam m, v), "
+              f"{human_bytes(free)} free there ({fits} fit)" + (f", keeping the last {keep}" if keep else ", keeping all"))
+    if free < size:
+        preflight.add("checkpoints", False, detail + ": not enough space for one; free space, choose --ckpt-dir elsewhere, or --save-every 0")
+        return
+    tracker = where / "latest_checkpointed_iteration.txt"
+    if run.resume == "auto" and tracker.is_file():
+        detail += f"; resumes from global_step_{tracker.read_text().strip()} (--resume never starts over)"
+    elif run.resume not in ("auto", "never"):
+        detail += f"; resumes from {run.resume}"
+    preflight.add("checkpoints", free >= size * (keep or 1), detail + ("" if free >= size * (keep or 1) else f": {keep} do not fit"))
+
+
+def _check_resume_path(preflight: Preflight, run: RunSettings) -> None:
+    if run.resume in ("auto", "never"):
+        return
+    path = Path(run.resume)
+    ok = path.name.startswith("global_step_") and (path / "actor").is_dir()
+    preflight.add("resume", ok, f"{path}" + ("" if ok else ": not a verl global_step_N dir with actor/ (verl resumes from the global_step_N folder)"))
+
+
+def _check_reward(preflight: Preflight, run: RunSettings) -> None:
+    import ast
+
+    if run.reward_path is None:
+        return
+    path = run.reward_path
+    try:
+        tree = ast.parse(path.read_text(), str(path))
+    except (OSError, SyntaxError) as exc:
+        preflight.add("reward function", False, f"{path}: {exc}")
+        return
+    names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    ok = run.reward_name in names
+    preflight.add("reward function", ok, f"{path}: {run.reward_name}" + (" defined" if ok else f" not defined (has {', '.join(sorted(names)) or 'no functions'})"))
+
+
+def human_bytes(size: float) -> str:
+    """1.23 TB, 45.6 GB, 7.8 MB: the unit that keeps the number readable."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} B"
 
 
 def check_megatron(preflight: Preflight, plan: Plan, verl_config: dict | None, megatron: Path | None = None) -> None:
@@ -163,11 +298,13 @@ def _check_read_volume(preflight: Preflight, ckpt: Path, config: dict, plan: Pla
                       f"{len(read.missing)} tensor(s) the model asks for are not in the checkpoint, e.g. {read.missing[0]} "
                       "(MTP kept in config.json but converted with --drop-mtp? `patcher apply` the model dir, or reconvert)")
         return
+    why = (f"; the {plan.dp} data-parallel replicas each read the slices they hold, so the cluster reads the checkpoint "
+           f"~{read.over_checkpoint:.0f} times" if read.over_checkpoint >= 2 else "")
     preflight.add(
         "checkpoint read volume", True,
-        f"{layout}. Each load (actor, then ref) reads {read.read_bytes / 1e12:.2f} TB cluster-wide "
-        f"({read.over_checkpoint:.2f}x the checkpoint's {read.checkpoint_bytes / 1e12:.2f} TB, {read.over_needed:.2f}x what the ranks keep), "
-        f"up to {max(read.per_node) / 1e9:.1f} GB per node",
+        f"{layout}. Each load (actor, then ref) reads {human_bytes(read.read_bytes)} cluster-wide "
+        f"({read.over_checkpoint:.2f}x the checkpoint's {human_bytes(read.checkpoint_bytes)}, {read.over_needed:.2f}x what the ranks keep), "
+        f"up to {human_bytes(max(read.per_node))} per node{why}",
     )
 
 
@@ -186,10 +323,13 @@ def _check_data(preflight: Preflight, data: Path) -> None:
         preflight.add(f"data {split}", not missing and rows > 0, f"{path}: {rows} rows" + (f", missing columns {sorted(missing)}" if missing else ""))
 
 
-def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path, sets: list[str], environ: Mapping[str, str]) -> dict:
+def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path, sets: list[str], environ: Mapping[str, str],
+            run: RunSettings | None = None) -> dict:
     """Everything `--dry-run` prints: plan, environment, exact command and the preflight results."""
     preflight = Preflight()
     verl_config = None
+    run = run or RunSettings(requirements=stack_requirements())
+    environment = {**NODE_ENVIRONMENT, **{need.key: need.value for need in run.requirements if need.kind == "environment"}}
     if (mcore_ckpt / "release" / "metadata.json").is_file():
         mcore_ckpt = mcore_ckpt / "release"  # verl wants the directory that holds metadata.json
     verl_version = installed_verl()
@@ -199,22 +339,30 @@ def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path,
     else:
         preflight.add("verl", True, f"verl {verl_version}")
         verl_dialect = dialect(verl_version)
-        overrides = build_overrides(plan, model, mcore_ckpt, data, verl_dialect, sets)
+        overrides = build_overrides(plan, model, mcore_ckpt, data, verl_dialect, sets, run=run)
         command = command_line(verl_dialect, overrides)
         result = validate_with_verl(verl_dialect, overrides)
         verl_config = result.get("config")
         preflight.add("verl config", result["ok"], "composed with every override; verl's validate_config passed" if result["ok"] else result["error"])
     preflight.add("plan", plan.world == plan.nodes * plan.gpus_per_node, f"{plan.nodes} x {plan.gpus_per_node} GPUs, DP={plan.dp}")
     _check_model(preflight, model)
+    check_group_routing(preflight, config)
+    dist_checkpoint = True if verl_config is None else bool(verl_config["actor_rollout_ref"]["actor"]["megatron"].get("use_dist_checkpointing"))
+    _check_hf_index(preflight, model, config, dist_checkpoint)
+    check_stack_settings(preflight, verl_config, environment, run.requirements)
     check_megatron(preflight, plan, verl_config)
-    _check_checkpoint(preflight, mcore_ckpt, config)
-    _check_read_volume(preflight, mcore_ckpt, config, plan)
+    if dist_checkpoint:
+        _check_checkpoint(preflight, mcore_ckpt, config)
+        _check_read_volume(preflight, mcore_ckpt, config, plan)
     _check_data(preflight, data)
+    _check_reward(preflight, run)
+    _check_resume_path(preflight, run)
+    check_checkpoints(preflight, config, run)
     cluster = cluster_from_env(environ, nodes=plan.nodes)
     return {
         "plan": plan_report(plan, config),
         "cluster": asdict(cluster),
-        "environment": NODE_ENVIRONMENT,
+        "environment": environment,
         "command": command,
         "preflight": [asdict(check) for check in preflight.checks],
         "ok": preflight.ok,
@@ -264,6 +412,25 @@ class GrpoOptions:
     run_dir: Path | None = None
     print_config: bool = False
     as_json: bool = False
+    save_every: int = 20
+    ckpt_dir: Path | None = None
+    keep_ckpts: int | None = 2
+    resume: str = "auto"
+    reward_fn: str | None = None
+    test_every: int = 10
+
+    def resolved_run_dir(self) -> Path:
+        return (self.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")).resolve()
+
+    def run_settings(self, run_dir: Path) -> RunSettings:
+        reward_path, reward_name = None, "compute_score"
+        if self.reward_fn:
+            path, _, name = self.reward_fn.partition(":")
+            reward_path, reward_name = Path(path).resolve(), name or "compute_score"
+        resume = self.resume if self.resume in ("auto", "never") else str(Path(self.resume).resolve())
+        return RunSettings(ckpt_dir=(self.ckpt_dir or run_dir / "checkpoints").resolve(), save_every=self.save_every,
+                           keep=self.keep_ckpts, resume=resume, reward_path=reward_path, reward_name=reward_name,
+                           test_every=self.test_every, requirements=stack_requirements())
 
 
 def grpo_command(options: GrpoOptions) -> int:
@@ -273,7 +440,9 @@ def grpo_command(options: GrpoOptions) -> int:
     except PlanError as exc:
         print(f"launch grpo: error: {exc}", file=sys.stderr)
         return 2
-    report = prepare(plan, config, options.model.resolve(), options.mcore_ckpt.resolve(), options.data.resolve(), options.sets, os.environ)
+    run_dir = options.resolved_run_dir()
+    report = prepare(plan, config, options.model.resolve(), options.mcore_ckpt.resolve(), options.data.resolve(), options.sets, os.environ,
+                     options.run_settings(run_dir))
     if options.dry_run:
         if options.as_json:
             print(dry_run_json(report))
@@ -281,14 +450,8 @@ def grpo_command(options: GrpoOptions) -> int:
             print_dry_run(report)
         return 0 if report["ok"] else 1
     if options.ray_address:
-        return run_submit(options, report)
-    return run_cluster(options, plan, report)
-
-
-def new_run_dir(options: GrpoOptions) -> Path:
-    run_dir = options.run_dir or Path("runs") / time.strftime("grpo-%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+        return run_submit(options, report, run_dir)
+    return run_cluster(options, plan, report, run_dir)
 
 
 def preflight_failed(report: dict) -> bool:
@@ -308,14 +471,14 @@ def trainer_command(options: GrpoOptions, report: dict, run_dir: Path, python: s
     return command
 
 
-def run_submit(options: GrpoOptions, report: dict) -> int:
+def run_submit(options: GrpoOptions, report: dict, run_dir: Path) -> int:
     if preflight_failed(report):
         return 1
-    run_dir = new_run_dir(options)
+    run_dir.mkdir(parents=True, exist_ok=True)
     command = trainer_command(options, report, run_dir, options.python)
     print(f"submitting verl to the Ray cluster at {options.ray_address} (log: {run_dir / 'train.log'})", flush=True)
     try:
-        code = submit_job(options.ray_address, command, run_dir / "train.log", NODE_ENVIRONMENT)
+        code = submit_job(options.ray_address, command, run_dir / "train.log", report["environment"])
     except ClusterError as exc:
         print(f"launch grpo: error: {exc}", file=sys.stderr)
         return 1
@@ -323,18 +486,18 @@ def run_submit(options: GrpoOptions, report: dict) -> int:
     return code
 
 
-def run_cluster(options: GrpoOptions, plan: Plan, report: dict) -> int:
+def run_cluster(options: GrpoOptions, plan: Plan, report: dict, run_dir: Path) -> int:
     cluster = cluster_from_env(os.environ, nodes=plan.nodes, node_rank=options.node_rank, head=options.head)
     spec = NodeSpec(cluster.node_rank, plan.nodes, plan.gpus_per_node, cluster.head_address, options.ray_port,
                     options.dashboard_host, options.dashboard_port)
     if spec.rank == 0 and preflight_failed(report):
         return 1
-    run_dir = new_run_dir(options)
+    run_dir.mkdir(parents=True, exist_ok=True)
     stop_on_sigterm()
     if spec.rank == 0 and spec.nodes > 1 and is_loopback(spec.head):
         print("launch grpo: note: a multi-node Ray cluster on loopback runs in Ray's cluster mode, which listens on "
               "every interface: run it inside a network namespace whose only interface is lo", file=sys.stderr)
-    node = start_node(spec, NODE_ENVIRONMENT, run_dir / f"ray-node{spec.rank}.log")
+    node = start_node(spec, report["environment"], run_dir / f"ray-node{spec.rank}.log")
     try:
         if spec.rank != 0:
             print(f"node {spec.rank}: joined the Ray head at {spec.address}; waiting for it to finish", flush=True)
@@ -348,7 +511,7 @@ def run_cluster(options: GrpoOptions, plan: Plan, report: dict) -> int:
             return 1
         print(f"all {len(joined)} nodes joined with {sum(joined.values()):.0f} GPUs; starting verl (log: {run_dir / 'train.log'})", flush=True)
         command = trainer_command(options, report, run_dir)
-        code = run_on_cluster(command, run_dir / "train.log", NODE_ENVIRONMENT, spec)
+        code = run_on_cluster(command, run_dir / "train.log", report["environment"], spec)
         print(f"verl exited with code {code}", flush=True)
         return code
     except KeyboardInterrupt:

@@ -7,10 +7,12 @@ The dialect differences (../shared/REFERENCE.md section 5): verl >= 0.8 selects 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -52,6 +54,85 @@ def dialect(verl_version: Version) -> Dialect:
     )
 
 
+@dataclass(frozen=True)
+class Requirement:
+    """A setting this machine's stack needs: a verl override or a node environment variable, and why."""
+
+    key: str  # hydra key (override) or variable name (environment)
+    value: str
+    reason: str
+    kind: str = "override"  # or "environment"
+
+    @property
+    def setting(self) -> str:
+        return f"{self.key}={self.value}"
+
+
+def _found(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+ACTOR_TRANSFORMER = "actor_rollout_ref.actor.megatron.override_transformer_config"
+
+
+def stack_requirements(found: Callable[[str], bool] = _found) -> list[Requirement]:
+    """What verl 0.9.1 + Megatron-Bridge + vLLM need on a machine without flash-attn, apex or flashinfer.
+
+    Read in their code and met on the GPU run (bench/RESULTS.md): verl's default attention backend is
+    `flash`, which Transformer Engine serves only through the flash-attn package; Megatron-Bridge's
+    DeepSeek-V3 provider turns gradient_accumulation_fusion on, and megatron-core's output layer then
+    needs apex's fused_weight_gradient_mlp_cuda; vLLM's sampler uses flashinfer unless told not to.
+    The ref model inherits the actor's override_transformer_config."""
+    needs = []
+    if not found("flash_attn"):
+        needs.append(Requirement(f"++{ACTOR_TRANSFORMER}.attention_backend", "fused",
+                                 "flash-attn is not installed: verl's default attention_backend=flash has no Transformer Engine "
+                                 "backend; fused (cuDNN) serves MLA's head sizes"))
+    if not found("fused_weight_gradient_mlp_cuda"):
+        needs.append(Requirement(f"++{ACTOR_TRANSFORMER}.gradient_accumulation_fusion", "False",
+                                 "apex is not installed: Megatron-Bridge's DeepSeek-V3 provider sets gradient_accumulation_fusion=True, "
+                                 "and megatron-core's output layer then asks for apex's fused_weight_gradient_mlp_cuda"))
+    if not found("flashinfer"):
+        needs.append(Requirement("VLLM_USE_FLASHINFER_SAMPLER", "0",
+                                 "flashinfer is not installed: vLLM's sampler would import it", kind="environment"))
+    return needs
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Saving, resuming and scoring of one run (the `launch grpo` flags), as verl overrides."""
+
+    ckpt_dir: Path | None = None
+    save_every: int = 0  # 0: never save
+    keep: int | None = None
+    resume: str = "auto"  # auto, never, or a global_step_N dir
+    reward_path: Path | None = None
+    reward_name: str = "compute_score"
+    test_every: int = 10
+    requirements: list[Requirement] = field(default_factory=list)
+
+    def overrides(self) -> list[str]:
+        out = [f"trainer.save_freq={self.save_every if self.save_every > 0 else -1}", f"trainer.test_freq={self.test_every}"]
+        if self.ckpt_dir is not None:
+            out.append(f"trainer.default_local_dir={self.ckpt_dir}")
+        if self.keep is not None:
+            out.append(f"trainer.max_actor_ckpt_to_keep={self.keep}")
+        if self.resume == "auto":
+            out.append("trainer.resume_mode=auto")
+        elif self.resume == "never":
+            out.append("trainer.resume_mode=disable")
+        else:
+            out += ["trainer.resume_mode=resume_path", f"trainer.resume_from_path={self.resume}"]
+        if self.reward_path is not None:
+            out += [f"reward.custom_reward_function.path={self.reward_path}", f"reward.custom_reward_function.name={self.reward_name}"]
+        settings = [need.setting for need in self.requirements if need.kind == "override"]
+        # the ref builds its own model from its own override_transformer_config: it needs them too
+        return out + settings + [setting.replace(".actor.megatron.", ".ref.megatron.") for setting in settings]
+
+
 def _bool(value: bool) -> str:
     return "True" if value else "False"
 
@@ -64,8 +145,10 @@ def build_overrides(
     verl_dialect: Dialect,
     extra: list[str] = (),
     train_batch_size: int | None = None,
+    run: RunSettings | None = None,
 ) -> list[str]:
     """Every override the GRPO run needs; `extra` (from --set) goes last and wins."""
+    run = run or RunSettings()
     overrides = [verl_dialect.engine_override] if verl_dialect.engine_override else []
     batch = train_batch_size or max(plan.dp, 1) * 8
     overrides += [
@@ -90,8 +173,6 @@ def build_overrides(
         f"trainer.nnodes={plan.nodes}",
         f"trainer.n_gpus_per_node={plan.gpus_per_node}",
         "trainer.logger=['console']",
-        "trainer.save_freq=-1",
-        "trainer.test_freq=10",
         "trainer.total_epochs=1",
     ]
     for role in ("actor", "ref"):  # the ref does not inherit the dist-checkpoint keys from the actor
@@ -124,7 +205,7 @@ def build_overrides(
     if plan.optimizer_offload_fraction is not None:
         optim = "actor_rollout_ref.actor.optim.override_optimizer_config"
         overrides += [f"++{optim}.optimizer_offload_fraction={plan.optimizer_offload_fraction}", f"++{optim}.optimizer_cpu_offload=True"]
-    return overrides + list(extra)
+    return overrides + run.overrides() + list(extra)
 
 
 def command_line(verl_dialect: Dialect, overrides: list[str], python: str = sys.executable) -> list[str]:

@@ -580,6 +580,8 @@ def fp8_evidence(model_dir: Path) -> str | None:
         weight_map, _ = load_index(model_dir)
     except SafetensorsError:
         return None  # no weights beside config.json (a config-only dir): nothing to protect
+    if not any(model_dir.glob("*.safetensors")):
+        return None  # an index without any shards (the tensor names verl's weight sync reads): no weights to misread
     scales = [name for name in weight_map if name.endswith("_scale_inv")]
     if scales:
         return f"{INDEX_NAME} lists {len(scales)} *_scale_inv tensors, e.g. {scales[0]}"

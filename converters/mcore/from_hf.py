@@ -74,6 +74,7 @@ class McorePlan:
     identity: str
     tensors: int
     objects: int
+    notes: list[str] = field(default_factory=list)
 
     def my_bins(self) -> list[int]:
         sizes = [sum(piece.nbytes for piece in pieces) for pieces in self.bins]
@@ -119,15 +120,13 @@ def plan_conversion(src: Path, dst: Path, options: McoreOptions) -> McorePlan:
             mapping = align_mapping(mapping, *options.alignment)
     except (SourceError, ConfigError, MappingError, LayoutError, KeyError) as exc:
         raise ConvertError(f"{src}: {exc}") from exc
-    unmapped = sorted(
-        name
-        for name in shapes
-        if name not in mapping.used_sources and not (options.drop_mtp and _is_mtp(name, source.config))
-    )
+    skipped, notes = beyond_declared_layers(shapes, source.config, options.drop_mtp)
+    unmapped = sorted(name for name in shapes if name not in mapping.used_sources and name not in skipped)
     if unmapped:
         shown = ", ".join(unmapped[:8]) + (f" and {len(unmapped) - 8} more" if len(unmapped) > 8 else "")
         raise ConvertError(
-            f"{src}: {len(unmapped)} tensor(s) have no Megatron-Core name (not a DeepSeek-V3-class layout?): {shown}"
+            f"{src}: {len(unmapped)} tensor(s) of a {source.config.get('model_type')} checkpoint have no Megatron-Core name "
+            f"(no rule of the mapping covers them; nothing written): {shown}"
         )
     pieces, metadata = plan_pieces(mapping, source.output_dtype)
     facts = {
@@ -141,12 +140,28 @@ def plan_conversion(src: Path, dst: Path, options: McoreOptions) -> McorePlan:
     if options.alignment is not None:  # only then: the global layout's identity (and files) stay as they were
         facts["align_tp_etp"] = list(options.alignment)
     identity = json.dumps(facts, sort_keys=True)
-    return McorePlan(src, dst, options, make_bins(pieces, options.bin_bytes), metadata, identity, len(mapping.tensors), len(mapping.objects))
+    return McorePlan(src, dst, options, make_bins(pieces, options.bin_bytes), metadata, identity, len(mapping.tensors),
+                     len(mapping.objects), notes)
 
 
-def _is_mtp(name: str, config: dict) -> bool:
+def _layer_of(name: str) -> int | None:
     parts = name.split(".")
-    return len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() and int(parts[2]) >= config["num_hidden_layers"]
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() else None
+
+
+def beyond_declared_layers(shapes: dict, config: dict, drop_mtp: bool) -> tuple[set[str], list[str]]:
+    """config.json is the model: tensors of layers at or beyond num_hidden_layers + num_nextn_predict_layers
+    (the MTP layers a patched config.json or --drop-mtp leaves out) are skipped, with one line saying so."""
+    layers = config["num_hidden_layers"]
+    mtp = 0 if drop_mtp else (config.get("num_nextn_predict_layers") or 0)
+    skipped = {name for name in shapes if (_layer_of(name) or 0) >= layers + mtp}
+    if not skipped:
+        return skipped, []
+    which = sorted({_layer_of(name) for name in skipped})
+    named = f"layer{'s' if len(which) > 1 else ''} {', '.join(map(str, which))}"
+    why = "--drop-mtp" if drop_mtp and config.get("num_nextn_predict_layers") else \
+        f"config.json declares {'no' if mtp == 0 else mtp} MTP layer{'s' if mtp > 1 else ''}"
+    return skipped, [f"{why}: {len(skipped)} tensors of {named} skipped"]
 
 
 def _chunk_reader(source: HFCheckpoint, buffers: BufferPool | None = None) -> Callable[[Chunk], torch.Tensor]:
@@ -181,7 +196,8 @@ def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
     """Write this part's pending bins (resuming), then `.metadata` and the small files once all are there."""
     start = time.perf_counter()
     release = plan.dst / RELEASE_DIR
-    summary = McoreSummary(dst=str(plan.dst), dist_checkpointing_path=str(release), tensors=plan.tensors, objects=plan.objects)
+    summary = McoreSummary(dst=str(plan.dst), dist_checkpointing_path=str(release), tensors=plan.tensors, objects=plan.objects,
+                           notes=list(plan.notes))
     if plan.options.alignment is not None:
         summary.layout = "aligned TP{} ETP{}".format(*plan.options.alignment)
     if is_complete(plan.dst, plan.identity):

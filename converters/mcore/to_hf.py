@@ -149,7 +149,9 @@ def detect_spec(keys: set[str]) -> str:
 
 def hf_regions(config: dict[str, Any], keys: set[str]) -> dict[str, list[Region]]:
     """HF name -> the mcore regions that make it (several when a big tensor was stored in row chunks)."""
-    mtp_layers = len({key.split(".")[2] for key in keys if key.startswith("mtp.layers.")})
+    stored = len({key.split(".")[2] for key in keys if key.startswith("mtp.layers.")})
+    # config.json is the model: MTP layers it does not declare are left out (verl's config sets 0)
+    mtp_layers = stored if (config.get("num_nextn_predict_layers") or 0) > 0 else 0
     shapes = hf_tensor_shapes(config, mtp_layers)
     plan = plan_mapping(config, shapes, detect_spec(keys), drop_mtp=mtp_layers == 0)
     regions: dict[str, list[Region]] = {}
@@ -171,17 +173,54 @@ class ExportSummary:
     tensors: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
+    source: str = ""  # the torch_dist dir read (below what --src named)
+    skipped_mtp_tensors: int = 0  # stored MTP tensors config.json does not declare (num_nextn_predict_layers 0)
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
+
+
+TRACKER = "latest_checkpointed_iteration.txt"
+# where the torch_dist files sit below a dir the user may name: ours/Megatron's release, verl's actor
+# (global_step_N/actor/model/dist_ckpt: verl 0.9 with use_dist_checkpointing), verl's global_step_N
+_BELOW = ("release", "model/dist_ckpt", "actor/model/dist_ckpt")
+
+
+def find_dist_checkpoint(src: Path) -> Path:
+    """The dir holding `.metadata` for what the user named: a torch_dist dir, our or Megatron's checkpoint dir
+    (release/ or iter_NNNNNNN/ by its tracker), verl's checkpoints dir (the latest global_step_N by its
+    tracker), a global_step_N dir or its actor/ dir."""
+    src = Path(src)
+    if (src / ".metadata").is_file():
+        return src
+    for below in _BELOW:
+        if (src / below / ".metadata").is_file():
+            return src / below
+    tracker = src / TRACKER
+    if tracker.is_file():
+        step = tracker.read_text().strip()
+        candidates = [src / "release"] if step == "release" else \
+            [src / f"global_step_{step}" / "actor" / "model" / "dist_ckpt", src / f"iter_{int(step):07d}"] if step.isdigit() else []
+        for candidate in candidates:
+            if (candidate / ".metadata").is_file():
+                return candidate
+        raise ConvertError(f"{tracker} names step {step!r}, but {' or '.join(map(str, candidates)) or 'no dir'} holds no .metadata "
+                           "(a save cut short?); give an earlier global_step_N dir")
+    hf_copy = next((p for p in (src / "model" / "huggingface", src / "actor" / "model" / "huggingface")
+                    if any(p.glob("*.safetensors"))), None)
+    if hf_copy is not None:
+        raise ConvertError(f"{src}: verl saved this actor as HF safetensors in {hf_copy} (use_dist_checkpointing was off): "
+                           "that dir is already an HF checkpoint")
+    raise ConvertError(f"{src}: no .metadata here, in release/, model/dist_ckpt/ or actor/model/dist_ckpt/, and no {TRACKER}; "
+                       "give a torch_dist checkpoint, verl's checkpoints dir, or one of its global_step_N dirs")
 
 
 def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False, progress_factory=None) -> ExportSummary:
     """Write HF safetensors shards + index + config (and the config dir's tokenizer files) from mcore."""
     start = time.perf_counter()
     src, hf_config_dir, dst = Path(src), Path(hf_config_dir), Path(dst)
-    if (src / "release").is_dir() and not (src / ".metadata").exists():
-        src = src / "release"
+    if src.is_dir():
+        src = find_dist_checkpoint(src)
     check_paths(src, dst)
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise ConvertError(f"--dst {dst} is not empty; choose an empty directory or pass --overwrite")
@@ -218,7 +257,9 @@ def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False
     atomic_write_bytes(dst / "config.json", edit.apply(config_text).encode())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_bytes(dst / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
-    return ExportSummary(str(dst), len(shards), len(tensors), total, round(time.perf_counter() - start, 3))
+    skipped = 0 if (config.get("num_nextn_predict_layers") or 0) > 0 else sum(
+        1 for key, meta in checkpoint.metadata.state_dict_metadata.items() if key.startswith("mtp.") and isinstance(meta, TensorStorageMetadata))
+    return ExportSummary(str(dst), len(shards), len(tensors), total, round(time.perf_counter() - start, 3), str(src), skipped)
 
 
 def _hf_shape(regions: list[Region]) -> tuple[int, ...]:
@@ -259,5 +300,8 @@ def export_command(src: Path, hf_config: Path, dst: Path, overwrite: bool, as_js
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
-        print(f"{summary.tensors} tensors in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: {summary.dst}")
+        print(f"{summary.tensors} tensors in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: "
+              f"{summary.dst} (read {summary.source})")
+        if summary.skipped_mtp_tensors:
+            print(f"config.json declares no MTP layer (num_nextn_predict_layers 0): {summary.skipped_mtp_tensors} stored MTP tensors left out")
     return 0

@@ -79,6 +79,29 @@ def test_drop_mtp_leaves_mtp_out(models, tmp_path):
     assert keys and not any(key.startswith("mtp.") for key in keys)
 
 
+def test_the_how_tos_order_works_first_time(models, tmp_path):
+    """The how-to's own steps: cast without --drop-mtp, edit config.json (`patcher apply`: no MTP layer), then
+    hf-mcore of the BF16 dir. config.json is the model: the MTP layer's tensors are skipped with one line."""
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(models["bf16"], bf16)
+    patched = subprocess.run([sys.executable, "-m", "patcher.cli", "apply", str(bf16)], capture_output=True, text=True)
+    assert patched.returncode == 0, patched.stderr
+    result = subprocess.run([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(bf16), "--dst", str(tmp_path / "mc"),
+                             "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    layers = json.loads((bf16 / "config.json").read_text())["num_hidden_layers"]
+    assert f"config.json declares no MTP layer: 44 tensors of layer {layers} skipped" in result.stdout
+    keys = FileSystemReader(str(tmp_path / "mc" / "release")).read_metadata().state_dict_metadata
+    assert not any(key.startswith("mtp.") for key in keys)
+    assert compare(bf16, tmp_path / "mc" / "release", spec="te") <= ATOL
+    # the reverse: config.json declares more MTP layers than the shards hold
+    config = json.loads((models["fp8"] / "config.json").read_text())
+    more = broken_copy(models, tmp_path / "more")
+    (more / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 2}))
+    result = convert("hf-mcore", "--src", str(more), "--dst", str(tmp_path / "out"))
+    assert result.returncode == 2 and f"model.layers.{layers + 1}.eh_proj.weight" in result.stderr and "missing" in result.stderr
+
+
 def test_workers_and_parts_write_identical_bins(models, tmp_path):
     single = to_mcore(models["fp8"], tmp_path / "single", "--bin-mb", "1")
     workers = to_mcore(models["fp8"], tmp_path / "workers", "--bin-mb", "1", "--workers", "2")

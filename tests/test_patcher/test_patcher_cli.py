@@ -268,3 +268,16 @@ def test_revert_restores_a_symlinked_config(tmp_path):
     assert run("revert", str(snapshot))[0] == 0
     assert link.is_symlink() and os.readlink(link) == os.path.relpath(blob, snapshot)
     assert link.read_bytes() == blob_bytes and not os.path.lexists(snapshot / "config.json.orig")
+
+
+def test_an_fp8_index_without_shards_is_patched(tmp_path):
+    """verl with the actor on a dist checkpoint reads only tensor names from the index (the GRPO run on the GPU
+    trained from a dir of config, tokenizer and the FP8 release's index): no weights there to misread."""
+    model = tmp_path / "model"
+    path = write_config(model, deepseek_v3_config())
+    index = {"weight_map": {"model.layers.0.mlp.down_proj.weight": "model-00001-of-00002.safetensors",
+                            "model.layers.0.mlp.down_proj.weight_scale_inv": "model-00001-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert run("apply", str(model))[0] == 0
+    config = json.loads(path.read_text())
+    assert "quantization_config" not in config and config["num_nextn_predict_layers"] == 0

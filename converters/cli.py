@@ -163,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "example:\n  convert math-lighteval --src dataset/MATH-lighteval --dst data/math\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    data.add_argument("--src", type=Path, required=True, help="a file, a dir of split files, or a datasets.save_to_disk dir")
-    data.add_argument("--dst", type=Path, required=True, help="output dir for train.parquet and test.parquet")
+    _paths(data, "a file, a dir of split files, or a datasets.save_to_disk dir", "output dir for train.parquet and test.parquet")
     data.add_argument("--strict", action="store_true", help="a row without a boxed answer is an error")
     data.add_argument("--json", action="store_true", help="print the counts as JSON")
     prompts = commands.add_parser(
@@ -178,8 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "example:\n  convert prompts --src task.jsonl --dst data/task --data-source dsv3-toolkit/digit-share\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    prompts.add_argument("--src", type=Path, required=True, help="a file, or a dir of split files (train*.jsonl, test*.jsonl, ...)")
-    prompts.add_argument("--dst", type=Path, required=True, help="output dir for <split>.parquet")
+    _paths(prompts, "a file, or a dir of split files (train*.jsonl, test*.jsonl, ...)", "output dir for <split>.parquet")
     prompts.add_argument("--data-source", required=True, help="the data_source column (the reward function dispatches on it)")
     prompts.add_argument("--ability", default="custom", help="the ability column (default custom)")
     prompts.add_argument("--json", action="store_true", help="print the counts as JSON")

@@ -151,16 +151,11 @@ class SplitReport:
 
 def convert(src: Path, dst: Path, strict: bool = False) -> dict[str, SplitReport]:
     """Write DST/train.parquet and DST/test.parquet; returns per-split counts."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from atomicio import atomic_write_bytes
-
     reports: dict[str, SplitReport] = {}
-    outputs: dict[str, bytes] = {}
+    rows_by_split: dict[str, list[dict[str, Any]]] = {}
     for split, files in sorted(find_inputs(src).items()):
         report = reports.setdefault(split, SplitReport())
-        rows = []
+        rows = rows_by_split.setdefault(split, [])
         for file in files:
             for row in read_rows(file):
                 missing = [column for column in ("problem", "solution") if not isinstance(row.get(column), str)]
@@ -177,21 +172,39 @@ def convert(src: Path, dst: Path, strict: bool = False) -> dict[str, SplitReport
                     rows.append(converted)
                 report.rows += 1
         report.written = len(rows)
+    write_splits(dst, rows_by_split)
+    return reports
+
+
+def write_splits(dst: Path, rows_by_split: dict[str, list[dict[str, Any]]]) -> None:
+    """DST/<split>.parquet in verl's schema for every split, each written atomically once all are encoded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from atomicio import atomic_write_bytes
+
+    outputs = {}
+    for split, rows in rows_by_split.items():
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows, schema=verl_schema()), sink)
         outputs[split] = sink.getvalue().to_pybytes()
     Path(dst).mkdir(parents=True, exist_ok=True)
     for split, data in outputs.items():
         atomic_write_bytes(Path(dst) / f"{split}.parquet", data)
-    return reports
 
 
-def lighteval_command(src: Path, dst: Path, strict: bool, as_json: bool) -> int:
-    """`convert math-lighteval`: write the splits and print their counts."""
-    reports = convert(src, dst, strict)
+def print_counts(reports: dict, as_json: bool, line) -> None:
+    """The per-split counts of a data command: JSON, or `line(split, report)` per split."""
     if as_json:
         print(json.dumps({split: asdict(report) for split, report in reports.items()}, indent=2))
     else:
         for split, report in reports.items():
-            print(f"{split}: {report.written} rows written to {dst / (split + '.parquet')}, {report.skipped} skipped (no boxed answer)")
+            print(line(split, report))
+
+
+def lighteval_command(src: Path, dst: Path, strict: bool, as_json: bool) -> int:
+    """`convert math-lighteval`: write the splits and print their counts."""
+    print_counts(convert(src, dst, strict), as_json,
+                 lambda split, report: f"{split}: {report.written} rows written to {dst / (split + '.parquet')}, "
+                 f"{report.skipped} skipped (no boxed answer)")
     return 0

@@ -8,12 +8,11 @@ data source given on the command line: verl hands it to the reward function, whi
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from converters.data.math_lighteval import DataError, find_inputs, read_rows, verl_schema
+from converters.data.math_lighteval import DataError, find_inputs, print_counts, read_rows, write_splits
 
 
 @dataclass
@@ -45,37 +44,21 @@ def to_verl_row(row: dict[str, Any], data_source: str, ability: str, split: str,
 
 def convert(src: Path, dst: Path, data_source: str, ability: str = "custom") -> dict[str, PromptsReport]:
     """Write DST/<split>.parquet for every split found; nothing is written if any row is bad."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from atomicio import atomic_write_bytes
-
     if not data_source.strip():
         raise DataError("--data-source must not be empty: the reward function dispatches on it")
-    outputs: dict[str, bytes] = {}
-    reports: dict[str, PromptsReport] = {}
+    rows_by_split: dict[str, list[dict[str, Any]]] = {}
     for split, files in sorted(find_inputs(src).items()):
-        rows = []
+        rows = rows_by_split.setdefault(split, [])
         for file in files:
             for number, row in enumerate(read_rows(file)):
                 rows.append(to_verl_row(row, data_source, ability, split, len(rows), f"{file}: row {number}"))
         if not rows:
             raise DataError(f"{', '.join(map(str, files))}: no rows for split {split}")
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows, schema=verl_schema()), sink)
-        outputs[split] = sink.getvalue().to_pybytes()
-        reports[split] = PromptsReport(len(rows))
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    for split, data in outputs.items():
-        atomic_write_bytes(Path(dst) / f"{split}.parquet", data)
-    return reports
+    write_splits(dst, rows_by_split)
+    return {split: PromptsReport(len(rows)) for split, rows in rows_by_split.items()}
 
 
 def prompts_command(src: Path, dst: Path, data_source: str, ability: str, as_json: bool) -> int:
-    reports = convert(src, dst, data_source, ability)
-    if as_json:
-        print(json.dumps({split: asdict(report) for split, report in reports.items()}, indent=2))
-    else:
-        for split, report in reports.items():
-            print(f"{split}: {report.rows} rows written to {dst / (split + '.parquet')} (data_source {data_source})")
+    print_counts(convert(src, dst, data_source, ability), as_json,
+                 lambda split, report: f"{split}: {report.rows} rows written to {dst / (split + '.parquet')} (data_source {data_source})")
     return 0

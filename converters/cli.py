@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: 1 with --device cuda, else a quarter of the CPU cores, at most 4)")
     mcore.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="write part I of N of the bins")
     mcore.add_argument("--bin-mb", type=_positive, default=512, help="size of each .distcp file, bounds memory (default 512)")
+    mcore.add_argument("--max-write-mbps", type=float, default=None, metavar="MB/s", help="limit the write rate (shared filesystems)")
     layout = mcore.add_argument_group(
         "layout for a training plan",
         "Cut every tensor into the slices a Megatron rank asks for at load, so that each rank reads only its own "
@@ -234,6 +235,7 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
         bin_bytes=args.bin_mb * 1024 * 1024,
         align_tp=align_tp,
         align_etp=align_etp,
+        max_write_bytes_per_s=args.max_write_mbps * 1e6 if args.max_write_mbps else None,
     )
     return mcore_command(args.src, args.dst, options, as_json=args.json, quiet=args.quiet)
 

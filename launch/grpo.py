@@ -176,7 +176,7 @@ def check_checkpoints(preflight: Preflight, config: dict, run: RunSettings) -> N
     keep = run.keep
     fits = free // size if size else 0
     detail = (f"every {run.save_every} steps to {where}; one checkpoint ~{human_bytes(size)} "
-              f"({(counts.dense + counts.experts) / 1e9:.3g}B parameters x {CKPT_BYTES_PER_PARAM} bytes: bf16 weights + fp32 master, Adam m, v), "
+              f"({human_count(counts.dense + counts.experts)} parameters x {CKPT_BYTES_PER_PARAM} bytes: bf16 weights + fp32 master, Adam m, v), "
               f"{human_bytes(free)} free there ({fits} fit)" + (f", keeping the last {keep}" if keep else ", keeping all"))
     if free < size:
         preflight.add("checkpoints", False, detail + ": not enough space for one; free space, choose --ckpt-dir elsewhere, or --save-every 0")
@@ -211,6 +211,14 @@ def _check_reward(preflight: Preflight, run: RunSettings) -> None:
     names = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
     ok = run.reward_name in names
     preflight.add("reward function", ok, f"{path}: {run.reward_name}" + (" defined" if ok else f" not defined (has {', '.join(sorted(names)) or 'no functions'})"))
+
+
+def human_count(count: float) -> str:
+    """671B, 5.54M, 900: parameter counts in the unit that keeps them readable."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g}{unit}"
+    return f"{count:.0f}"
 
 
 def human_bytes(size: float) -> str:

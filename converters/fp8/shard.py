@@ -25,6 +25,7 @@ from converters.hf.safetensors_io import (
     read_tensor,
     tensor_bytes,
 )
+from converters.jobs.throttle import Throttle
 from kernels.fp8 import FP8FormatError, dequant_fp8_blocks_batched
 
 
@@ -79,22 +80,6 @@ def _produce(stage: Callable[[object], object], inbox: queue.Queue, outbox: queu
         errors.append(exc)
     finally:
         outbox.put(None)
-
-
-class _Throttle:
-    """Sleep after writes so the average rate stays under a limit (None: no limit)."""
-
-    def __init__(self, bytes_per_s: float | None) -> None:
-        self.bytes_per_s = bytes_per_s
-        self.start = time.perf_counter()
-        self.written = 0
-
-    def wrote(self, count: int) -> None:
-        if self.bytes_per_s:
-            self.written += count
-            ahead = self.written / self.bytes_per_s - (time.perf_counter() - self.start)
-            if ahead > 0:
-                time.sleep(ahead)
 
 
 def convert_shard(
@@ -165,7 +150,7 @@ def convert_shard(
         for batch in _batches(shard, plan.options.batch_bytes):
             batches.put(batch)
         batches.put(None)
-        throttle = _Throttle(plan.options.max_write_bytes_per_s)
+        throttle = Throttle(plan.options.max_write_bytes_per_s)
         while (done := converted.get()) is not None:
             if errors:
                 continue

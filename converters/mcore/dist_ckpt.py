@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, TensorWriteData, WriteItem, WriteItemType
 
 from atomicio import atomic_write_bytes, fsync_dir
+from converters.jobs.throttle import Throttle
 from converters.mcore.mapping import Chunk, MappingPlan
 
 # What megatron-core reads to recognise a torch_dist checkpoint (all four fields: 0.12 .. 0.19).
@@ -252,8 +253,10 @@ class BinWriter:
     file is on disk, so a kill at any point leaves nothing that looks finished and is not.
     """
 
-    def __init__(self, release: Path, readers: int = 1, recycle: Callable[[torch.Tensor], None] | None = None) -> None:
+    def __init__(self, release: Path, readers: int = 1, recycle: Callable[[torch.Tensor], None] | None = None,
+                 max_write_bytes_per_s: float | None = None) -> None:
         self.release = release
+        self.throttle = Throttle(max_write_bytes_per_s)
         self.readers = readers
         self.recycle = recycle
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-mcore-fsync")
@@ -285,6 +288,7 @@ class BinWriter:
         except OSError as exc:  # a failed write on an open file carries no file name: give it the bin's
             raise _named(exc, self.release / f"__{index}_0.distcp") from exc
         planner.done_with_last()
+        self.throttle.wrote(sum(piece.nbytes for piece in pieces))
         written = time.perf_counter()
         for commit in self.commits:  # at most one bin waits for its fsync while the next is written
             commit.result()

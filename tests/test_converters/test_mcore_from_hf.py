@@ -382,7 +382,9 @@ def test_dead_worker_and_ctrl_c(wide_model, tmp_path, fault):
 
     dst = tmp_path / "out"
     workers = ("--workers", "2") if fault == "kill-9-worker" else ()
-    process = start_mcore(wide_model["src"], dst, *workers)
+    # a write limit keeps the conversion going for seconds, so that the fault always lands mid-way (without it a
+    # fast machine sometimes finished before the SIGINT arrived: exit 0 instead of 130)
+    process = start_mcore(wide_model["src"], dst, *workers, "--max-write-mbps", "8")
     state = dst / "release" / dist_ckpt.STATE_DIR
     wait_until(lambda: (not workers or len(spawned_workers(process.pid)) == 2) and len(list(state.glob("bin_*.results"))) >= 1, process)
     everyone = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]

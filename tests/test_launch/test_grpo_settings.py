@@ -81,13 +81,13 @@ def test_checkpoint_estimate_against_free_space(tmp_path):
     preflight = Preflight()
     check_checkpoints(preflight, DSV3, run)  # 671B parameters x 14 bytes: no test machine has 9.4 TB free
     check = only(preflight)
-    assert not check.ok and "9.39 TB" in check.message and "not enough space" in check.message
+    assert not check.ok and "9.39 TB" in check.message and "671B parameters" in check.message and "not enough space" in check.message
     tiny = {**DSV3, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
             "n_routed_experts": 4, "vocab_size": 256, "num_attention_heads": 2, "q_lora_rank": 32, "kv_lora_rank": 32,
             "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16, "first_k_dense_replace": 1}
     preflight = Preflight()
     check_checkpoints(preflight, tiny, run)
-    assert only(preflight).ok and "MB" in only(preflight).message and "keeping the last 2" in only(preflight).message
+    assert only(preflight).ok and "MB" in only(preflight).message and "111K parameters" in only(preflight).message and "keeping the last 2" in only(preflight).message
     (run.ckpt_dir).mkdir(parents=True)
     (run.ckpt_dir / "latest_checkpointed_iteration.txt").write_text("40")
     preflight = Preflight()

@@ -84,7 +84,7 @@ EOF
 }
 
 phase_techeck() {
-  python3 -m converters.mcore_check --hf bf16 --mcore ckpt --backend te --keys-out "$W/te_keys_mcore018.json"
+  python3 -m converters.cli check --hf bf16 --mcore ckpt --backend te --keys-out "$W/te_keys_mcore018.json"
 }
 
 phase_train() {
@@ -120,7 +120,7 @@ phase_export() {
   rm -rf export
   python3 -m converters.cli mcore-hf --src run/checkpoints --hf-config model --dst export --quiet || return 1
   local latest; latest=$(cat run/checkpoints/latest_checkpointed_iteration.txt)
-  python3 -m converters.mcore_check --hf export --mcore "run/checkpoints/global_step_$latest/actor/model/dist_ckpt" --backend te \
+  python3 -m converters.cli check --hf export --mcore "run/checkpoints/global_step_$latest/actor/model/dist_ckpt" --backend te \
     --json > export_check.json; local code=$?
   cat export_check.json
   python3 -m bench.grpo_evidence weights --initial bf16 --trained export > weights_change.json || return 1

@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--data-source", required=True, help="the data_source column (the reward function dispatches on it)")
     prompts.add_argument("--ability", default="custom", help="the ability column (default custom)")
     prompts.add_argument("--json", action="store_true", help="print the counts as JSON")
+    commands.add_parser(  # listed here; `convert check ...` is handed whole to converters.mcore.check (its own --help)
+        "check", add_help=False,
+        help="load a Megatron-Core checkpoint into the model verl builds (TE on GPUs, or CPU) and compare logits with transformers",
+    )
     return parser
 
 
@@ -264,6 +268,11 @@ COMMANDS = {"fp8-bf16": run_fp8_bf16, "hf-mcore": run_hf_mcore, "mcore-hf": run_
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every expected failure becomes one line on stderr and its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from converters.mcore.check import main as check_main
+
+        return check_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         with signals_raise():

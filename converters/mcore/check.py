@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from converters.jobs.errors import ConvertError
+
 # Logits are compared in float32; the two implementations order their reductions differently.
 ATOL = 1e-4
 # TE runs float32 GEMMs in TF32 (10-bit mantissa): 5.8e-4 .. 7.3e-4 max |diff|, cosine >= 0.9999998,
@@ -51,7 +53,7 @@ SPEC_MARKERS = {
 }
 
 
-class CheckError(Exception):
+class CheckError(ConvertError):
     """Bad input for the checker (exit code 2); the message says what to do."""
 
 
@@ -415,8 +417,10 @@ def describe(report: CheckReport, spec: str) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m converters.mcore.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "convert check") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="exit codes:\n  0  loaded and the logits agree\n  1  a key is missing, a parameter "
+                                     "unset or the logits disagree\n  2  bad input\n")
     parser.add_argument("--hf", type=Path, required=True, help="HF dir (BF16) with config.json")
     parser.add_argument("--mcore", type=Path, required=True, help="the dist_checkpointing_path (DST/release) or DST")
     parser.add_argument("--tp", type=int, default=1)
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckError("--spec local is read by the local spec: use --backend cpu (verl builds the TE spec)")
         report, outcome = run_check(args.hf, args.mcore, tp=args.tp, pp=args.pp, ep=args.ep, spec=args.spec, backend=backend)
     except (CheckError, OSError) as exc:
-        print(json.dumps({"error": str(exc), "exit_code": 2}) if args.json else f"mcore_check: error: {exc}", file=sys.stdout if args.json else sys.stderr)
+        print(json.dumps({"error": str(exc), "exit_code": 2}) if args.json else f"{prog}: error: {exc}", file=sys.stdout if args.json else sys.stderr)
         return 2
     if args.keys_out:
         args.keys_out.write_text(json.dumps({"versions": report.versions, "layout": report.layout, "keys": outcome["asked"]}, indent=1, sort_keys=True) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from converters.jobs.errors import ConvertError
 from converters.mcore.config import moe_layer_freq
 
 SPECS = ("te", "local")
@@ -90,7 +91,7 @@ TE_MTP_LAYER_EXTRA_STATE = ("transformer_layer.self_attention.core_attention",)
 CHUNK_BYTES = 256 * 1024 * 1024
 
 
-class MappingError(ValueError):
+class MappingError(ConvertError, ValueError):
     """The HF checkpoint does not match its config or the table; the message lists what."""
 
 

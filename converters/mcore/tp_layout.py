@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from converters.jobs.errors import ConvertError
 from converters.mcore.mapping import Chunk, MappingPlan, McoreTensor
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
@@ -71,7 +72,7 @@ UNIT_CACHE_BYTES = 2 * UNIT_BYTES
 FP8_BLOCK_ROWS = 128
 
 
-class LayoutError(ValueError):
+class LayoutError(ConvertError, ValueError):
     """A tensor the layout has no rule for; the message names it."""
 
 

@@ -436,3 +436,14 @@ def test_duplicate_run_and_bad_config_are_refused(models, tmp_path):
     result = convert("hf-mcore", "--src", str(copy), "--dst", str(tmp_path / "other"))
     assert result.returncode == 2 and "the top level is a str, not an object" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_convert_check_is_the_checker_with_its_exit_codes(models, tmp_path):
+    """`convert check` runs the logits check (the old `python -m` paths stay aliases); bad input is exit 2."""
+    result = subprocess.run([sys.executable, "-m", "converters.cli", "check", "--hf", str(models["bf16"]), "--mcore", str(models["te"]),
+                             "--backend", "cpu", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ok"]
+    result = subprocess.run([sys.executable, "-m", "converters.cli", "check", "--hf", str(tmp_path), "--mcore", str(models["te"])],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("convert check: error:") and "config.json" in result.stderr

@@ -146,14 +146,14 @@ def check_stack_settings(preflight: Preflight, verl_config: dict | None, environ
     """The settings this machine's stack needs are in the composed config (a --set can undo them)."""
     if verl_config is None:
         return
-    transformer = verl_config["actor_rollout_ref"]["actor"]["megatron"].get("override_transformer_config") or {}
+    roles = {role: verl_config["actor_rollout_ref"][role]["megatron"].get("override_transformer_config") or {} for role in ("actor", "ref")}
     problems, applied = [], []
     for need in requirements:
         if need.kind == "environment":
             ok = environment.get(need.key) == need.value
-        else:
+        else:  # actor and ref each build a model from their own override_transformer_config
             key = need.key.removeprefix("++").removeprefix(ACTOR_TRANSFORMER + ".")
-            ok = str(transformer.get(key)) == need.value
+            ok = all(str(transformer.get(key)) == need.value for transformer in roles.values())
         (applied if ok else problems).append(f"{need.setting} ({need.reason})")
     message = "; ".join(problems) if problems else ("; ".join(applied) or "flash-attn, apex and flashinfer present: nothing to set")
     preflight.add("stack settings", not problems, ("needed but overridden: " if problems else "") + message)

@@ -65,15 +65,20 @@ def test_run_settings_become_verl_overrides_for_actor_and_ref():
 
 def test_stack_settings_check_fails_when_a_set_undoes_a_need():
     needs = stack_requirements(found=lambda module: False)
-    config = {"actor_rollout_ref": {"actor": {"megatron": {"override_transformer_config": {
-        "attention_backend": "fused", "gradient_accumulation_fusion": False}}}}}
+    config = {"actor_rollout_ref": {role: {"megatron": {"override_transformer_config": {
+        "attention_backend": "fused", "gradient_accumulation_fusion": False}}} for role in ("actor", "ref")}}
     preflight = Preflight()
     check_stack_settings(preflight, config, {"VLLM_USE_FLASHINFER_SAMPLER": "0"}, needs)
     assert only(preflight).ok and "flash-attn is not installed" in only(preflight).message
-    config["actor_rollout_ref"]["actor"]["megatron"]["override_transformer_config"]["attention_backend"] = "flash"
+    for role, key, value in (("actor", "attention_backend", "flash"), ("ref", "gradient_accumulation_fusion", True)):
+        broken = json.loads(json.dumps(config))
+        broken["actor_rollout_ref"][role]["megatron"]["override_transformer_config"][key] = value
+        preflight = Preflight()
+        check_stack_settings(preflight, broken, {"VLLM_USE_FLASHINFER_SAMPLER": "0"}, needs)
+        assert not only(preflight).ok and key in only(preflight).message, role
     preflight = Preflight()
-    check_stack_settings(preflight, config, {"VLLM_USE_FLASHINFER_SAMPLER": "0"}, needs)
-    assert not only(preflight).ok and "attention_backend=fused" in only(preflight).message
+    check_stack_settings(preflight, config, {}, needs)
+    assert not only(preflight).ok and "VLLM_USE_FLASHINFER_SAMPLER=0" in only(preflight).message
 
 
 def test_checkpoint_estimate_against_free_space(tmp_path):

@@ -30,7 +30,7 @@ env_for_run() {
   cd "$W"
 }
 
-# the user's command: everything but the smoke-run sizes is launch grpo's own plan and settings
+# the user's command: everything but the smoke-run sizes is launch grpo's own plan and settings; later flags win
 grpo() {  # grpo RUN_DIR [extra flags]; exec: run in the background, $! is launch grpo itself (a signal reaches it)
   local run=$1; shift
   exec python3 -m launch.cli grpo --nodes 1 --gpus-per-node 1 --gpu-mem-gb "$GPU_GB" \
@@ -89,7 +89,7 @@ phase_techeck() {
 
 phase_train() {
   local t0; t0=$(python3 -c "import time; print(time.time())")
-  echo "$t0" > run/t0 2>/dev/null || { mkdir -p run; echo "$t0" > run/t0; }
+  mkdir -p run && echo "$t0" > run/t0
   first_step_clock run "$t0" train &
   grpo run > run/launch.log 2>&1 &
   local pid=$!
@@ -134,22 +134,13 @@ phase_serve() {  # vLLM serves the export (its MLA backend goes to the log at IN
   cat serve.json
 }
 
-phase_baseline() {
+phase_baseline() {  # the same command on verl's default path: Megatron-Bridge loads the BF16 HF weights
   local t0; t0=$(python3 -c "import time; print(time.time())")
   mkdir -p base && echo "$t0" > base/t0
   first_step_clock base "$t0" baseline &
-  python3 -m launch.cli grpo --nodes 1 --gpus-per-node 1 --gpu-mem-gb "$GPU_GB" \
-    --model bf16 --mcore-ckpt ckpt --data data/task --run-dir base --reward-fn "$W/repo/launch/rewards.py" \
-    --save-every 0 --test-every -1 \
-    --set data.val_files="$W/data/math/test.parquet" --set trainer.total_training_steps=3 \
-    --set data.max_prompt_length=256 --set data.max_response_length=32 --set actor_rollout_ref.actor.optim.lr=1e-3 \
-    --set actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16 \
-    --set actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16 \
-    --set actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16 \
-    --set actor_rollout_ref.rollout.enforce_eager=True \
-    --set actor_rollout_ref.rollout.agent.num_workers=2 --set reward.num_workers=2 \
+  (grpo base --model bf16 --save-every 0 --set trainer.total_training_steps=3 \
     --set actor_rollout_ref.actor.megatron.use_dist_checkpointing=False \
-    --set actor_rollout_ref.ref.megatron.use_dist_checkpointing=False > base/launch.log 2>&1
+    --set actor_rollout_ref.ref.megatron.use_dist_checkpointing=False > base/launch.log 2>&1)
 }
 
 pipeline() {

@@ -79,6 +79,27 @@ def _paths(command: argparse.ArgumentParser, src_help: str, dst_help: str) -> No
     command.add_argument("--dst", type=Path, required=True, help=dst_help)
 
 
+def _write_limit(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--max-write-mbps", type=float, default=None, metavar="MB/s",
+                         help="limit the write rate, shared by the --workers (shared filesystems)")
+
+
+def _job_fields(args: argparse.Namespace) -> dict:
+    """The JobOptions every long conversion takes, from its flags."""
+    return {"device": args.device, "workers": args.workers, "shard_index": args.shard[0], "shard_count": args.shard[1],
+            "overwrite": args.overwrite, "max_write_bytes_per_s": args.max_write_mbps * 1e6 if args.max_write_mbps else None}
+
+
+def _data_command(commands, name: str, help_text: str, description: str, refused: str, example: str,
+                  src_help: str, dst_help: str) -> argparse.ArgumentParser:
+    """A data command's parser: description, exit codes and example, --src/--dst and --json."""
+    command = commands.add_parser(name, help=help_text, description=description,
+                                  epilog=exit_codes(refused) + f"\nexample:\n  {example}\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _paths(command, src_help, dst_help)
+    command.add_argument("--json", action="store_true", help="print the counts as JSON")
+    return command
+
+
 def _output_flags(command: argparse.ArgumentParser, overwrite_help: str = "write into a non-empty DST that holds something else") -> None:
     command.add_argument("--overwrite", action="store_true", help=overwrite_help)
     command.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -104,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cast.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="convert part I of N (machines sharing a filesystem)")
     cast.add_argument("--verify", action="store_true", help="re-read the output and check sampled blocks against the source")
     cast.add_argument("--batch-mb", type=_positive, default=512, help="FP8 bytes dequantised per batch (default 512)")
-    cast.add_argument("--max-write-mbps", type=float, default=None, metavar="MB/s", help="limit the write rate (shared filesystems)")
+    _write_limit(cast)
     _output_flags(cast)
     mcore = commands.add_parser(
         "hf-mcore",
@@ -125,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: 1 with --device cuda, else a quarter of the CPU cores, at most 4)")
     mcore.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="write part I of N of the bins")
     mcore.add_argument("--bin-mb", type=_positive, default=512, help="size of each .distcp file, bounds memory (default 512)")
-    mcore.add_argument("--max-write-mbps", type=float, default=None, metavar="MB/s", help="limit the write rate (shared filesystems)")
+    _write_limit(mcore)
     layout = mcore.add_argument_group(
         "layout for a training plan",
         "Cut every tensor into the slices a Megatron rank asks for at load, so that each rank reads only its own "
@@ -153,35 +174,31 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hf-config", type=Path, required=True, help="HF dir whose config.json and tokenizer describe the model")
     export.add_argument("--dst", type=Path, required=True, help="new output dir")
     _output_flags(export, "write into a non-empty DST")
-    data = commands.add_parser(
-        "math-lighteval",
-        help="MATH-lighteval (parquet, JSON/JSONL, saved datasets dir) -> verl train.parquet / test.parquet",
-        description="Prepare MATH-lighteval for verl GRPO: each row becomes a chat prompt asking for a boxed "
+    data = _data_command(
+        commands, "math-lighteval",
+        "MATH-lighteval (parquet, JSON/JSONL, saved datasets dir) -> verl train.parquet / test.parquet",
+        "Prepare MATH-lighteval for verl GRPO: each row becomes a chat prompt asking for a boxed "
         "answer, with the last \\boxed{...} of the reference solution as the rule-based ground truth. "
         "Splits come from the file names (train, test). Rows whose solution has no usable box are skipped "
         "and counted (--strict: an error).",
-        epilog=exit_codes("unreadable input, a row without problem/solution, or (--strict) a row without a box") + "\n"
-        "example:\n  convert math-lighteval --src dataset/MATH-lighteval --dst data/math\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "unreadable input, a row without problem/solution, or (--strict) a row without a box",
+        "convert math-lighteval --src dataset/MATH-lighteval --dst data/math",
+        "a file, a dir of split files, or a datasets.save_to_disk dir", "output dir for train.parquet and test.parquet",
     )
-    _paths(data, "a file, a dir of split files, or a datasets.save_to_disk dir", "output dir for train.parquet and test.parquet")
     data.add_argument("--strict", action="store_true", help="a row without a boxed answer is an error")
-    data.add_argument("--json", action="store_true", help="print the counts as JSON")
-    prompts = commands.add_parser(
-        "prompts",
-        help="your own prompts (JSONL/JSON/parquet: prompt, ground_truth) -> verl train.parquet / test.parquet",
-        description="Prepare prompts for verl GRPO with a reward function of your own: each row's `prompt` (a "
+    prompts = _data_command(
+        commands, "prompts",
+        "your own prompts (JSONL/JSON/parquet: prompt, ground_truth) -> verl train.parquet / test.parquet",
+        "Prepare prompts for verl GRPO with a reward function of your own: each row's `prompt` (a "
         "string, or a list of {role, content} messages) becomes the chat prompt, `ground_truth` (optional) the "
         "reward model's ground truth, and every row gets --data-source, on which the reward function dispatches. "
         "Splits come from the file names (train, test); a single file is the train split.",
-        epilog=exit_codes("unreadable input or a row without a usable prompt (the message names file and row)") + "\n"
-        "example:\n  convert prompts --src task.jsonl --dst data/task --data-source dsv3-toolkit/digit-share\n",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "unreadable input or a row without a usable prompt (the message names file and row)",
+        "convert prompts --src task.jsonl --dst data/task --data-source dsv3-toolkit/digit-share",
+        "a file, or a dir of split files (train*.jsonl, test*.jsonl, ...)", "output dir for <split>.parquet",
     )
-    _paths(prompts, "a file, or a dir of split files (train*.jsonl, test*.jsonl, ...)", "output dir for <split>.parquet")
     prompts.add_argument("--data-source", required=True, help="the data_source column (the reward function dispatches on it)")
     prompts.add_argument("--ability", default="custom", help="the ability column (default custom)")
-    prompts.add_argument("--json", action="store_true", help="print the counts as JSON")
     commands.add_parser(  # listed here; `convert check ...` is handed whole to converters.mcore.check (its own --help)
         "check", add_help=False,
         help="load a Megatron-Core checkpoint into the model verl builds (TE on GPUs, or CPU) and compare logits with transformers",
@@ -195,13 +212,8 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
 
     options = CastOptions(
         drop_mtp=args.drop_mtp,
-        device=args.device,
-        workers=args.workers,
-        shard_index=args.shard[0],
-        shard_count=args.shard[1],
-        overwrite=args.overwrite,
         batch_bytes=args.batch_mb * 1024 * 1024,
-        max_write_bytes_per_s=args.max_write_mbps * 1e6 if args.max_write_mbps else None,
+        **_job_fields(args),
     )
     return cast_command(args.src, args.dst, options, verify=args.verify, as_json=args.json, quiet=args.quiet)
 
@@ -230,16 +242,11 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
     options = McoreOptions(
         spec=args.spec,
         drop_mtp=args.drop_mtp,
-        device=args.device,
-        workers=args.workers,
         readers=args.readers,
-        shard_index=args.shard[0],
-        shard_count=args.shard[1],
-        overwrite=args.overwrite,
         bin_bytes=args.bin_mb * 1024 * 1024,
         align_tp=align_tp,
         align_etp=align_etp,
-        max_write_bytes_per_s=args.max_write_mbps * 1e6 if args.max_write_mbps else None,
+        **_job_fields(args),
     )
     return mcore_command(args.src, args.dst, options, as_json=args.json, quiet=args.quiet)
 

@@ -157,9 +157,9 @@ def tiny_bf16_state_dict(overrides: dict[str, Any] | None = None, seed: int = 0)
 
 
 def write_checkpoint(
-    dst, config: dict[str, Any], tensors: dict, shards: int = 3, move_scale: str | None = None
+    dst, config: dict[str, Any], tensors: dict, shards: int = 3, move_scale: str | None = None, extra_files: dict[str, str] = EXTRA_FILES
 ) -> None:
-    """Write a HF checkpoint: `shards` safetensors files of similar size, index, config, extra files.
+    """Write a HF checkpoint: `shards` safetensors files of similar size, index, config, `extra_files` (name -> text).
 
     `move_scale` names a tensor whose `_scale_inv` goes to a different shard than the weight.
     """
@@ -192,7 +192,7 @@ def write_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name, text in EXTRA_FILES.items():
+    for name, text in extra_files.items():
         (dst / name).write_text(text)
 
 
@@ -375,19 +375,16 @@ def make_servable_fp8_checkpoint(dst, seed: int = 0, shards: int = 2, overrides:
     # the release's key set and order, with our sizes; special token ids from the tokenizer below
     config = {key: config.get(key, value) for key, value in release.items()}
     config.update({key: value for key, value in settings.items() if key in release})
-    config.update(bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16", num_nextn_predict_layers=settings["num_nextn_predict_layers"])
+    config.update(bos_token_id=0, eos_token_id=1)  # the tokenizer's BOS and EOS (SPECIAL_TOKENS' order)
     config["rope_scaling"] = {**release["rope_scaling"], "original_max_position_embeddings": settings["max_position_embeddings"]}
     config["max_position_embeddings"] = settings["max_position_embeddings"] * release["rope_scaling"]["factor"]
     config.pop("auto_map")  # no remote code: transformers, vLLM and Megatron-Bridge know deepseek_v3
-    write_checkpoint(dst, config, quantise_state_dict(state), shards)
-    dst = Path(dst)
-    (dst / "modeling_deepseek.py").unlink()
-    (dst / "tokenizer_config.json").unlink()
-    size = write_tokenizer(dst, settings["vocab_size"], seed)
+    generation = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 1.0, "top_p": 1.0}
+    write_checkpoint(dst, config, quantise_state_dict(state), shards,
+                     extra_files={"generation_config.json": json.dumps(generation, indent=2) + "\n", "LICENSE": EXTRA_FILES["LICENSE"]})
+    size = write_tokenizer(Path(dst), settings["vocab_size"], seed)
     if size > settings["vocab_size"]:
         raise ValueError(f"tokenizer has {size} entries, more than vocab_size {settings['vocab_size']}")
-    generation = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": True, "temperature": 1.0, "top_p": 1.0}
-    (dst / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return config
 
 

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grpo.add_argument("--nodes", type=int, required=True)
     grpo.add_argument("--model", type=Path, required=True, help="HF model dir (patched config.json, tokenizer)")
-    grpo.add_argument("--mcore-ckpt", type=Path, required=True, help="convert hf-mcore output (or its release/)")
+    grpo.add_argument("--mcore-ckpt", type=Path, required=True, help="convert hf-mcore output (or its release/), or a verl checkpoints dir or global_step_N to start from a trained actor")
     grpo.add_argument("--data", type=Path, required=True, help="dir with train.parquet and test.parquet")
     grpo.add_argument("--recipe", help="a named plan (see `launch plan --help`)")
     grpo.add_argument("--gpus-per-node", type=int, default=8)

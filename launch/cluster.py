@@ -63,17 +63,9 @@ DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "grpc", "opencensus", "opentelem
 
 def dashboard_missing() -> list[str]:
     """The dashboard's modules this Python cannot import (empty: `ray start --include-dashboard=true` works)."""
-    import importlib.util
+    from launch.overrides import importable
 
-    missing = []
-    for module in DASHBOARD_MODULES:
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            missing.append(module)
-    return missing
+    return [module for module in DASHBOARD_MODULES if not importable(module)]
 
 
 def ray_executable() -> str:

@@ -23,7 +23,7 @@ from launch.cluster import (
     wait_until_head_leaves,
 )
 from launch.overrides import (
-    ACTOR_TRANSFORMER,
+    ROLES,
     RunSettings,
     build_overrides,
     command_line,
@@ -112,7 +112,7 @@ def check_group_routing(preflight: Preflight, config: dict) -> None:
                      "by its top 2, so training and rollout route differently; only num_experts_per_tok = 2 x topk_group agrees"))
 
 
-def _check_hf_index(preflight: Preflight, model: Path, config: dict, dist_checkpoint: bool) -> None:
+def _check_hf_index(preflight: Preflight, model: Path, config: dict, from_dist_ckpt: bool) -> None:
     """The weight sync into vLLM takes the HF tensor names from model.safetensors.index.json (Megatron-Bridge
     reads names only, no tensor data, when the actor loads a dist checkpoint); a name missing there is
     skipped with a warning and vLLM keeps its dummy weights for it. Shards are needed only without one."""
@@ -121,7 +121,7 @@ def _check_hf_index(preflight: Preflight, model: Path, config: dict, dist_checkp
     index = model / "model.safetensors.index.json"
     shards = sorted(model.glob("*.safetensors"))
     if not index.is_file():
-        if dist_checkpoint and not shards:
+        if from_dist_ckpt and not shards:
             preflight.add("HF tensor names", False, f"{index} missing: the weight sync into vLLM takes the tensor names from it; "
                           "copy the release's index (no shards needed)")
         return
@@ -136,24 +136,23 @@ def _check_hf_index(preflight: Preflight, model: Path, config: dict, dist_checkp
         preflight.add("HF tensor names", False, f"{index} lacks {len(missing)} tensor name(s) the model has, e.g. {missing[0]}: "
                       "vLLM would keep dummy weights for them after the sync; use the model's own index")
         return
-    where = "tensor names from the index; the shards are not read (actor and ref load the dist checkpoint)" if dist_checkpoint else \
+    if not from_dist_ckpt and not shards:
+        preflight.add("HF tensor names", False, f"{model}: no safetensors shards, and the actor does not load a dist checkpoint")
+        return
+    where = "the shards are not read (actor and ref load the dist checkpoint)" if from_dist_ckpt else \
         f"{len(shards)} safetensors shard(s) hold the weights"
-    preflight.add("HF tensor names", dist_checkpoint or bool(shards), f"{index}: all {len(wanted)} names; {where}"
-                  if dist_checkpoint or shards else f"{model}: no safetensors shards, and the actor does not load a dist checkpoint")
+    preflight.add("HF tensor names", True, f"{index}: all {len(wanted)} names; {where}")
 
 
 def check_stack_settings(preflight: Preflight, verl_config: dict | None, environment: Mapping[str, str], requirements) -> None:
-    """The settings this machine's stack needs are in the composed config (a --set can undo them)."""
+    """The settings this machine's stack needs are in the composed config of actor and ref (a --set can undo them)."""
     if verl_config is None:
         return
-    roles = {role: verl_config["actor_rollout_ref"][role]["megatron"].get("override_transformer_config") or {} for role in ("actor", "ref")}
+    transformers = [verl_config["actor_rollout_ref"][role]["megatron"].get("override_transformer_config") or {} for role in ROLES]
     problems, applied = [], []
     for need in requirements:
-        if need.kind == "environment":
-            ok = environment.get(need.key) == need.value
-        else:  # actor and ref each build a model from their own override_transformer_config
-            key = need.key.removeprefix("++").removeprefix(ACTOR_TRANSFORMER + ".")
-            ok = all(str(transformer.get(key)) == need.value for transformer in roles.values())
+        ok = environment.get(need.key) == need.value if need.kind == "environment" else \
+            all(str(transformer.get(need.key)) == need.value for transformer in transformers)
         (applied if ok else problems).append(f"{need.setting} ({need.reason})")
     message = "; ".join(problems) if problems else ("; ".join(applied) or "flash-attn, apex and flashinfer present: nothing to set")
     preflight.add("stack settings", not problems, ("needed but overridden: " if problems else "") + message)
@@ -252,37 +251,45 @@ def check_megatron(preflight: Preflight, plan: Plan, verl_config: dict | None, m
     preflight.add("Megatron patch", ok, detail + action)
 
 
-def _check_checkpoint(preflight: Preflight, ckpt: Path, config: dict) -> None:
-    release = ckpt / "release" if (ckpt / "release" / ".metadata").is_file() else ckpt
-    if not (release / ".metadata").is_file():
-        preflight.add("dist checkpoint", False, f"{ckpt}: no .metadata; convert with `convert hf-mcore` first")
-        return
+def dist_checkpoint(ckpt: Path):
+    """(the dir verl loads, its torch_dist metadata) for what --mcore-ckpt names: our hf-mcore output, its release/,
+    or a verl checkpoints dir or step (`convert mcore-hf` finds it the same way); (ckpt, None) when there is none."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    keys = FileSystemReader(str(release)).read_metadata().state_dict_metadata
+    from converters.jobs.errors import ConvertError
+    from converters.mcore.to_hf import find_dist_checkpoint
+
+    try:
+        found = find_dist_checkpoint(ckpt)
+    except ConvertError:
+        return ckpt, None
+    return found, FileSystemReader(str(found)).read_metadata()
+
+
+def _check_checkpoint(preflight: Preflight, ckpt: Path, metadata, config: dict) -> None:
+    if metadata is None:
+        preflight.add("dist checkpoint", False, f"{ckpt}: no .metadata; convert with `convert hf-mcore` first")
+        return
+    keys = metadata.state_dict_metadata
     layers = {int(k.split(".")[2]) for k in keys if k.startswith("decoder.layers.")}
     experts_key = next((k for k in keys if k.endswith("mlp.experts.experts.linear_fc2.weight")), None)
     experts = keys[experts_key].size[0] if experts_key else 0
     expected = (config["num_hidden_layers"], config.get("n_routed_experts") or 0)
     ok = (len(layers), experts) == expected
-    preflight.add("dist checkpoint", ok, f"{release}: {len(layers)} layers, {experts} experts" + ("" if ok else f"; the model has {expected[0]} layers, {expected[1]} experts"))
+    preflight.add("dist checkpoint", ok, f"{ckpt}: {len(layers)} layers, {experts} experts" + ("" if ok else f"; the model has {expected[0]} layers, {expected[1]} experts"))
 
 
-def _check_read_volume(preflight: Preflight, ckpt: Path, config: dict, plan: Plan) -> None:
+def _check_read_volume(preflight: Preflight, metadata, config: dict, plan: Plan) -> None:
     """The checkpoint's chunk layout against the plan, and what loading it reads (per node, cluster-wide).
 
     Informational: a global layout loads correctly, only slower (each TP/ETP rank reads whole tensors)."""
-    release = ckpt / "release" if (ckpt / "release" / ".metadata").is_file() else ckpt
-    if not (release / ".metadata").is_file():
+    if metadata is None:
         return
-    from torch.distributed.checkpoint import FileSystemReader
-
     from converters.mcore.mapping import plan_mapping
     from converters.mcore.read_cost import ParallelLayout, cluster_read, detect_alignment
     from converters.mcore.to_hf import detect_spec, hf_tensor_shapes
     from converters.preflight import ConvertError
 
-    metadata = FileSystemReader(str(release)).read_metadata()
     tp, etp = detect_alignment(metadata)
     wanted = f"--align-tp {plan.tp} --align-etp {plan.etp}"
     if (tp, etp) == (plan.tp, plan.etp):
@@ -332,14 +339,12 @@ def _check_data(preflight: Preflight, data: Path) -> None:
 
 
 def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path, sets: list[str], environ: Mapping[str, str],
-            run: RunSettings | None = None) -> dict:
+            run: RunSettings) -> dict:
     """Everything `--dry-run` prints: plan, environment, exact command and the preflight results."""
     preflight = Preflight()
     verl_config = None
-    run = run or RunSettings(requirements=stack_requirements())
-    environment = {**NODE_ENVIRONMENT, **{need.key: need.value for need in run.requirements if need.kind == "environment"}}
-    if (mcore_ckpt / "release" / "metadata.json").is_file():
-        mcore_ckpt = mcore_ckpt / "release"  # verl wants the directory that holds metadata.json
+    environment = {**NODE_ENVIRONMENT, **run.environment}
+    mcore_ckpt, metadata = dist_checkpoint(mcore_ckpt)  # verl wants the dir that holds metadata.json (and .metadata)
     verl_version = installed_verl()
     if verl_version is None:
         preflight.add("verl", False, "verl is not importable in this Python: pip install verl (training nodes)")
@@ -355,13 +360,13 @@ def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path,
     preflight.add("plan", plan.world == plan.nodes * plan.gpus_per_node, f"{plan.nodes} x {plan.gpus_per_node} GPUs, DP={plan.dp}")
     _check_model(preflight, model)
     check_group_routing(preflight, config)
-    dist_checkpoint = True if verl_config is None else bool(verl_config["actor_rollout_ref"]["actor"]["megatron"].get("use_dist_checkpointing"))
-    _check_hf_index(preflight, model, config, dist_checkpoint)
+    from_dist_ckpt = verl_config is None or bool(verl_config["actor_rollout_ref"]["actor"]["megatron"].get("use_dist_checkpointing"))
+    _check_hf_index(preflight, model, config, from_dist_ckpt)
     check_stack_settings(preflight, verl_config, environment, run.requirements)
     check_megatron(preflight, plan, verl_config)
-    if dist_checkpoint:
-        _check_checkpoint(preflight, mcore_ckpt, config)
-        _check_read_volume(preflight, mcore_ckpt, config, plan)
+    if from_dist_ckpt:
+        _check_checkpoint(preflight, mcore_ckpt, metadata, config)
+        _check_read_volume(preflight, metadata, config, plan)
     _check_data(preflight, data)
     _check_reward(preflight, run)
     _check_resume_path(preflight, run)

@@ -21,6 +21,7 @@ from packaging.version import Version
 from launch.plan import Plan
 
 ENTRYPOINT = ["-m", "verl.trainer.main_ppo"]
+ROLES = ("actor", "ref")  # each builds its own Megatron model from its own megatron config
 ROUTER_STABILITY = {  # Pai's settings for DeepSeek-V3: keep the checkpoint's routing
     "moe_router_dtype": "fp32",
     "moe_aux_loss_coeff": 0.0,
@@ -56,43 +57,43 @@ def dialect(verl_version: Version) -> Dialect:
 
 @dataclass(frozen=True)
 class Requirement:
-    """A setting this machine's stack needs: a verl override or a node environment variable, and why."""
+    """A setting this machine's stack needs, and why: a key of the Megatron transformer config (set for
+    actor and ref alike: each builds its own model from its own override_transformer_config) or a node
+    environment variable."""
 
-    key: str  # hydra key (override) or variable name (environment)
+    key: str  # override_transformer_config key, or variable name
     value: str
     reason: str
-    kind: str = "override"  # or "environment"
+    kind: str = "transformer"  # or "environment"
 
     @property
     def setting(self) -> str:
-        return f"{self.key}={self.value}"
+        return f"{self.key}={self.value}" if self.kind == "environment" else f"override_transformer_config.{self.key}={self.value}"
 
 
-def _found(module: str) -> bool:
+def importable(module: str) -> bool:
+    """Whether this Python finds `module` (without importing it)."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
 
 
-ACTOR_TRANSFORMER = "actor_rollout_ref.actor.megatron.override_transformer_config"
-
-
-def stack_requirements(found: Callable[[str], bool] = _found) -> list[Requirement]:
+def stack_requirements(found: Callable[[str], bool] = importable) -> list[Requirement]:
     """What verl 0.9.1 + Megatron-Bridge + vLLM need on a machine without flash-attn, apex or flashinfer.
 
     Read in their code and met on the GPU run (bench/RESULTS.md): verl's default attention backend is
     `flash`, which Transformer Engine serves only through the flash-attn package; Megatron-Bridge's
     DeepSeek-V3 provider turns gradient_accumulation_fusion on, and megatron-core's output layer then
-    needs apex's fused_weight_gradient_mlp_cuda; vLLM's sampler uses flashinfer unless told not to.
-    The ref model inherits the actor's override_transformer_config."""
+    needs apex's fused_weight_gradient_mlp_cuda (the run's ref model died on it when only the actor had
+    the override); vLLM's sampler uses flashinfer unless told not to."""
     needs = []
     if not found("flash_attn"):
-        needs.append(Requirement(f"++{ACTOR_TRANSFORMER}.attention_backend", "fused",
+        needs.append(Requirement("attention_backend", "fused",
                                  "flash-attn is not installed: verl's default attention_backend=flash has no Transformer Engine "
                                  "backend; fused (cuDNN) serves MLA's head sizes"))
     if not found("fused_weight_gradient_mlp_cuda"):
-        needs.append(Requirement(f"++{ACTOR_TRANSFORMER}.gradient_accumulation_fusion", "False",
+        needs.append(Requirement("gradient_accumulation_fusion", "False",
                                  "apex is not installed: Megatron-Bridge's DeepSeek-V3 provider sets gradient_accumulation_fusion=True, "
                                  "and megatron-core's output layer then asks for apex's fused_weight_gradient_mlp_cuda"))
     if not found("flashinfer"):
@@ -128,9 +129,13 @@ class RunSettings:
             out += ["trainer.resume_mode=resume_path", f"trainer.resume_from_path={self.resume}"]
         if self.reward_path is not None:
             out += [f"reward.custom_reward_function.path={self.reward_path}", f"reward.custom_reward_function.name={self.reward_name}"]
-        settings = [need.setting for need in self.requirements if need.kind == "override"]
-        # the ref builds its own model from its own override_transformer_config: it needs them too
-        return out + settings + [setting.replace(".actor.megatron.", ".ref.megatron.") for setting in settings]
+        return out + [f"++actor_rollout_ref.{role}.megatron.{need.setting}" for role in ROLES
+                      for need in self.requirements if need.kind == "transformer"]
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """The node environment variables the stack needs."""
+        return {need.key: need.value for need in self.requirements if need.kind == "environment"}
 
 
 def _bool(value: bool) -> str:
@@ -175,7 +180,7 @@ def build_overrides(
         "trainer.logger=['console']",
         "trainer.total_epochs=1",
     ]
-    for role in ("actor", "ref"):  # the ref does not inherit the dist-checkpoint keys from the actor
+    for role in ROLES:  # the ref does not inherit the dist-checkpoint keys from the actor
         prefix = f"actor_rollout_ref.{role}.megatron"
         overrides += [
             f"{prefix}.tensor_model_parallel_size={plan.tp}",

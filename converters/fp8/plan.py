@@ -44,7 +44,6 @@ class CastOptions(JobOptions):
     device: str = "auto"
     drop_mtp: bool = False
     batch_bytes: int = 512 * 1024 * 1024
-    max_write_bytes_per_s: float | None = None  # be gentle with a shared filesystem
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ def convert_shard(
         for batch in _batches(shard, plan.options.batch_bytes):
             batches.put(batch)
         batches.put(None)
-        throttle = Throttle(plan.options.max_write_bytes_per_s)
+        throttle = Throttle(plan.options.write_limit)
         while (done := converted.get()) is not None:
             if errors:
                 continue

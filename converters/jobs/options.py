@@ -16,6 +16,12 @@ class JobOptions:
     shard_index: int = 0
     shard_count: int = 1
     overwrite: bool = False
+    max_write_bytes_per_s: float | None = None  # be gentle with a shared filesystem (split over the workers)
+
+    @property
+    def write_limit(self) -> float | None:
+        """Bytes/s each writing process may write: --max-write-mbps shared by the --workers processes."""
+        return self.max_write_bytes_per_s / self.workers if self.max_write_bytes_per_s else None
 
     def destination(self, root: Path, state_dir: Path, identity: dict[str, Any]) -> Destination:
         """This part's claim on `root`, with the conversion's state kept in `state_dir`."""

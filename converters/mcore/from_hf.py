@@ -54,7 +54,6 @@ class McoreOptions(JobOptions):
     readers: int | None = None  # threads making chunks ahead of the writer, per worker; None: default_readers
     align_tp: int | None = None  # chunks cut at the TP slices a rank asks for (None: every tensor at its global chunks)
     align_etp: int | None = None  # the same for routed experts (None with align_tp: ETP = TP, Megatron's default)
-    max_write_bytes_per_s: float | None = None  # be gentle with a shared filesystem (split over --workers)
 
     @property
     def alignment(self) -> tuple[int, int] | None:
@@ -178,7 +177,7 @@ def default_readers(device: str, workers: int = 1) -> int:
     return max(1, min(4, cores // (4 * workers)))
 
 
-def _open(src: Path, release: Path, device: str, readers: int, rate: float | None = None) -> tuple[BinWriter, Callable[[Chunk], torch.Tensor]]:
+def _open(src: Path, release: Path, device: str, readers: int, rate: float | None) -> tuple[BinWriter, Callable[[Chunk], torch.Tensor]]:
     """A bin writer and a chunk reader sharing one pool of buffers (pinned when dequantising on a GPU)."""
     source = HFCheckpoint(src, device)
     buffers = BufferPool(PREFETCH_BYTES, pin_memory=torch.device(device).type == "cuda")
@@ -236,7 +235,7 @@ def _write_pending(plan: McorePlan, release: Path, pending: list[int], device: s
         if plan.options.workers > 1 and len(pending) > 1:
             _run_workers(plan, release, pending, device, readers, progress)
         else:
-            writer, make_chunk = _open(plan.src, release, device, readers, plan.options.max_write_bytes_per_s)
+            writer, make_chunk = _open(plan.src, release, device, readers, plan.options.write_limit)
             with writer:
                 for index in pending:
                     writer.write(index, plan.bins[index], make_chunk, progress)
@@ -250,8 +249,8 @@ def _run_workers(plan: McorePlan, release: Path, pending: list[int], device: str
     workers = min(plan.options.workers, len(pending))
     groups = balance([sum(piece.nbytes for piece in plan.bins[i]) for i in pending], workers)
     assignment = [[(pending[i], plan.bins[pending[i]]) for i in group] for group in groups]
-    rate = plan.options.max_write_bytes_per_s / workers if plan.options.max_write_bytes_per_s else None
-    run_workers(_write_bins, [(str(plan.src), str(release), bins, device, readers, rate) for bins in assignment], progress,
+    run_workers(_write_bins, [(str(plan.src), str(release), bins, device, readers, plan.options.write_limit) for bins in assignment],
+                progress,
                 [f"worker {w + 1} ({device}, {len(bins)} bin(s))" for w, bins in enumerate(assignment)])
 
 

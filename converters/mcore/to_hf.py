@@ -231,7 +231,8 @@ def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False
         regions = hf_regions(config, keys)
     except KeyError as exc:
         raise ConvertError(f"{hf_config_dir / 'config.json'}: lacks {exc}") from exc
-    missing = sorted({r.key for rs in regions.values() for r in rs} - keys)
+    used = {r.key for rs in regions.values() for r in rs}
+    missing = sorted(used - keys)
     if missing:
         raise ConvertError(f"{src}: {len(missing)} tensor(s) the model needs are missing: {', '.join(missing[:8])}")
     tensors = {
@@ -257,8 +258,8 @@ def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False
     atomic_write_bytes(dst / "config.json", edit.apply(config_text).encode())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_bytes(dst / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
-    skipped = 0 if (config.get("num_nextn_predict_layers") or 0) > 0 else sum(
-        1 for key, meta in checkpoint.metadata.state_dict_metadata.items() if key.startswith("mtp.") and isinstance(meta, TensorStorageMetadata))
+    skipped = sum(1 for key, meta in checkpoint.metadata.state_dict_metadata.items()
+                  if key.startswith("mtp.") and key not in used and isinstance(meta, TensorStorageMetadata))
     return ExportSummary(str(dst), len(shards), len(tensors), total, round(time.perf_counter() - start, 3), str(src), skipped)
 
 

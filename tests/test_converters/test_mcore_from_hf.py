@@ -94,6 +94,13 @@ def test_the_how_tos_order_works_first_time(models, tmp_path):
     keys = FileSystemReader(str(tmp_path / "mc" / "release")).read_metadata().state_dict_metadata
     assert not any(key.startswith("mtp.") for key in keys)
     assert compare(bf16, tmp_path / "mc" / "release", spec="te") <= ATOL
+    # and back: a checkpoint that keeps its MTP layer exports what the patched config.json declares
+    result = subprocess.run([sys.executable, "-m", "converters.cli", "mcore-hf", "--src", str(models["te"]), "--hf-config", str(bf16),
+                             "--dst", str(tmp_path / "hf"), "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "config.json declares no MTP layer (num_nextn_predict_layers 0): 19 stored MTP tensors left out" in result.stdout
+    exported = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert exported and not any(name.startswith(f"model.layers.{layers}.") for name in exported)
     # the reverse: config.json declares more MTP layers than the shards hold
     config = json.loads((models["fp8"] / "config.json").read_text())
     more = broken_copy(models, tmp_path / "more")

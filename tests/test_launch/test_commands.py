@@ -172,7 +172,7 @@ def test_preflight_fails_on_the_column_edit_under_a_rank0_exporter(tmp_path):
 
 def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
     from converters.testing import make_fp8_checkpoint
-    from launch.grpo import Preflight, _check_read_volume
+    from launch.grpo import Preflight, _check_read_volume, dist_checkpoint
     from launch.plan import Plan
 
     source = tmp_path / "fp8"
@@ -184,7 +184,7 @@ def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
                                  "--quiet", *extra], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         preflight = Preflight()
-        _check_read_volume(preflight, tmp_path / name, config, plan)
+        _check_read_volume(preflight, dist_checkpoint(tmp_path / name)[1], config, plan)
         (check,) = preflight.checks
         assert check.ok and check.name == "checkpoint read volume"
         messages[name] = check.message
@@ -202,7 +202,7 @@ def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
 
 def test_preflight_names_tensors_the_model_asks_for_and_the_checkpoint_lacks(tmp_path):
     from converters.testing import make_fp8_checkpoint
-    from launch.grpo import Preflight, _check_read_volume
+    from launch.grpo import Preflight, _check_read_volume, dist_checkpoint
     from launch.plan import Plan
 
     source = tmp_path / "fp8"
@@ -211,9 +211,9 @@ def test_preflight_names_tensors_the_model_asks_for_and_the_checkpoint_lacks(tmp
                              "--quiet", "--drop-mtp"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     preflight = Preflight()
-    _check_read_volume(preflight, tmp_path / "out", config, Plan(1, 2, 80, tp=2, pp=1, ep=1, etp=2))
+    _check_read_volume(preflight, dist_checkpoint(tmp_path / "out")[1], config, Plan(1, 2, 80, tp=2, pp=1, ep=1, etp=2))
     (check,) = preflight.checks
     assert not check.ok and "mtp.layers.0." in check.message
     preflight = Preflight()
-    _check_read_volume(preflight, tmp_path / "out", {**config, "num_nextn_predict_layers": 0}, Plan(1, 2, 80, tp=2, pp=1, ep=1, etp=2))
+    _check_read_volume(preflight, dist_checkpoint(tmp_path / "out")[1], {**config, "num_nextn_predict_layers": 0}, Plan(1, 2, 80, tp=2, pp=1, ep=1, etp=2))
     assert preflight.ok

@@ -110,6 +110,11 @@ def test_mcore_hf_exports_verls_saved_layout(work, tmp_path, pick):
     work, config = work
     step = verl_tree(tmp_path / "checkpoints", work / "ckpt-nomtp" / "release")
     src = {"checkpoints": step.parent, "global_step": step, "actor": step / "actor"}[pick]
+    from launch.grpo import (
+        dist_checkpoint,  # launch grpo --mcore-ckpt finds the same dir (a trained actor as the start)
+    )
+
+    assert dist_checkpoint(src)[0] == step / "actor" / "model" / "dist_ckpt"
     result = subprocess.run([sys.executable, "-m", "converters.cli", "mcore-hf", "--src", str(src), "--hf-config", str(work / "model"),
                              "--dst", str(tmp_path / "hf"), "--quiet"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

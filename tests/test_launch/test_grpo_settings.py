@@ -23,7 +23,7 @@ from launch.grpo import (
     check_stack_settings,
     human_bytes,
 )
-from launch.overrides import ACTOR_TRANSFORMER, RunSettings, stack_requirements
+from launch.overrides import RunSettings, stack_requirements
 from launch.plan import load_model_config
 from launch.rewards import DIGIT_SHARE, compute_score, digit_share
 
@@ -38,8 +38,8 @@ def only(preflight: Preflight):
 def test_stack_requirements_follow_what_is_installed():
     nothing = stack_requirements(found=lambda module: False)
     settings = {need.setting for need in nothing}
-    assert f"++{ACTOR_TRANSFORMER}.attention_backend=fused" in settings
-    assert f"++{ACTOR_TRANSFORMER}.gradient_accumulation_fusion=False" in settings
+    assert "override_transformer_config.attention_backend=fused" in settings
+    assert "override_transformer_config.gradient_accumulation_fusion=False" in settings
     assert "VLLM_USE_FLASHINFER_SAMPLER=0" in settings
     assert all(need.reason for need in nothing)
     assert stack_requirements(found=lambda module: True) == []
@@ -57,7 +57,7 @@ def test_run_settings_become_verl_overrides_for_actor_and_ref():
             "reward.custom_reward_function.name=score"} <= set(out)
     for role in ("actor", "ref"):  # the ref builds its own model: without it, the run on the GPU failed
         assert f"++actor_rollout_ref.{role}.megatron.override_transformer_config.gradient_accumulation_fusion=False" in out
-    assert not any(o.startswith("VLLM_") for o in out)  # environment, not an override
+    assert not any(o.startswith("VLLM_") for o in out) and run.environment == {"VLLM_USE_FLASHINFER_SAMPLER": "0"}
     assert "trainer.save_freq=-1" in RunSettings(save_every=0).overrides()
     assert "trainer.resume_mode=disable" in RunSettings(resume="never").overrides()
     assert {"trainer.resume_mode=resume_path", "trainer.resume_from_path=/c/global_step_7"} <= set(RunSettings(resume="/c/global_step_7").overrides())
@@ -144,21 +144,21 @@ def test_the_weight_sync_needs_every_name_in_the_index(tmp_path):
 
     names = sorted(hf_tensor_shapes(config, 0))
     preflight = Preflight()
-    _check_hf_index(preflight, tmp_path, config, dist_checkpoint=True)
+    _check_hf_index(preflight, tmp_path, config, from_dist_ckpt=True)
     assert not only(preflight).ok and "copy the release's index" in only(preflight).message
     weight_map = {name: "model-00001-of-00001.safetensors" for name in names[1:]}
     weight_map.update({name + "_scale_inv": "model-00001-of-00001.safetensors" for name in names if name.endswith("proj.weight")})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     preflight = Preflight()
-    _check_hf_index(preflight, tmp_path, config, dist_checkpoint=True)
+    _check_hf_index(preflight, tmp_path, config, from_dist_ckpt=True)
     assert not only(preflight).ok and names[0] in only(preflight).message and "dummy weights" in only(preflight).message
     weight_map[names[0]] = "model-00001-of-00001.safetensors"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     preflight = Preflight()
-    _check_hf_index(preflight, tmp_path, config, dist_checkpoint=True)
+    _check_hf_index(preflight, tmp_path, config, from_dist_ckpt=True)
     assert only(preflight).ok and "shards are not read" in only(preflight).message
     preflight = Preflight()
-    _check_hf_index(preflight, tmp_path, config, dist_checkpoint=False)  # Megatron-Bridge would read the weights
+    _check_hf_index(preflight, tmp_path, config, from_dist_ckpt=False)  # Megatron-Bridge would read the weights
     assert not only(preflight).ok and "no safetensors shards" in only(preflight).message
 
 

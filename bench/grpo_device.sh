@@ -16,10 +16,12 @@
 # hold staging (~2.5 min), install (~3 min) and about three launches.
 set -u
 W=${GRPO_WORK:-/root/grpo}
-STOP_AT=${STOP_AT:-20}
-TOTAL=${TOTAL:-30}
-# techeck (our checkpoint in Megatron-Core 0.18 + TE against transformers) ran on 2026-12-05; add it back if the stack changes
-PHASES=${PHASES:-"setup train resume export serve baseline"}
+STOP_AT=${STOP_AT:-10}
+TOTAL=${TOTAL:-15}
+# techeck (our checkpoint in Megatron-Core 0.18 + TE against transformers) ran on 2026-12-05; add it back if the stack changes.
+# A phase ending in & runs in the background beside the next ones (export of the step saved before the SIGTERM
+# runs while the resumed launch starts: it needs a few hundred MB of GPU memory; serve waits for it).
+PHASES=${PHASES:-"setup train export& resume serve baseline"}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
@@ -49,11 +51,12 @@ grpo() {  # grpo RUN_DIR [extra flags]; exec: run in the background, $! is launc
     "$@"
 }
 
-first_step_clock() {  # seconds from the launch to the first step line of RUN_DIR/train.log, into RUN_DIR/first_step_s
-  local run=$1 t0=$2
+first_step_clock() {  # first_step_clock RUN_DIR T0 PHASE [OUT [SKIP_LINES]]: seconds from the launch to the first
+  # step line of RUN_DIR/train.log after its first SKIP_LINES lines (a resumed run appends), into OUT
+  local run=$1 t0=$2 out=${4:-$1/first_step_s} skip=${5:-0}
   while sleep 0.5; do
-    if grep -qE "step:1 - " "$run/train.log" 2>/dev/null; then
-      python3 -c "import time; print(round(time.time() - $t0, 1))" > "$run/first_step_s"; return
+    if tail -n +$(( skip + 1 )) "$run/train.log" 2>/dev/null | grep -qE "step:[0-9]+ - "; then
+      python3 -c "import time; print(round(time.time() - $t0, 1))" > "$out"; return
     fi
     [ -f "$W/phase.$3.done" ] || [ -f "$W/phase.$3.failed" ] && return
   done
@@ -96,7 +99,7 @@ phase_train() {
   echo "launch grpo pid $pid"
   while kill -0 $pid 2>/dev/null; do
     if [ "$(cat run/checkpoints/latest_checkpointed_iteration.txt 2>/dev/null)" = "$STOP_AT" ]; then
-      sleep 2; echo "step $STOP_AT saved: SIGTERM to launch grpo ($pid)"; date +%s > run/sigterm_at
+      sleep 2; echo "step $STOP_AT saved: SIGTERM to launch grpo ($pid)"; date +%s > run/sigterm_at; echo "$STOP_AT" > run/stopped_step
       kill -TERM $pid; wait $pid; echo "launch grpo exited $? after SIGTERM"
       sleep 3; echo "processes left: $(pgrep -fc '[m]ain_ppo|[r]aylet|[g]cs_server|[E]ngineCore') (main_ppo, raylet, gcs_server, vLLM)"
       return 0
@@ -110,16 +113,17 @@ phase_train() {
 phase_resume() {
   local t0; t0=$(python3 -c "import time; print(time.time())")
   mkdir -p run/resume && echo "$t0" > run/resume/t0
+  first_step_clock run "$t0" resume run/resume/first_step_s "$(wc -l < run/train.log)" &
   (grpo run > run/resume/launch.log 2>&1)
   local code=$?
   echo "resumed launch grpo exited $code"
   [ $code -eq 0 ]
 }
 
-phase_export() {
+phase_export() {  # the step saved before the SIGTERM (the resumed launch may be writing the next ones meanwhile)
   rm -rf export
-  python3 -m converters.cli mcore-hf --src run/checkpoints --hf-config model --dst export --quiet || return 1
-  local latest; latest=$(cat run/checkpoints/latest_checkpointed_iteration.txt)
+  local latest; latest=$(cat run/stopped_step)
+  python3 -m converters.cli mcore-hf --src "run/checkpoints/global_step_$latest" --hf-config model --dst export --quiet || return 1
   python3 -m converters.cli check --hf export --mcore "run/checkpoints/global_step_$latest/actor/model/dist_ckpt" --backend te \
     --json > export_check.json; local code=$?
   cat export_check.json
@@ -130,6 +134,8 @@ phase_export() {
 }
 
 phase_serve() {  # vLLM serves the export (its MLA backend goes to the log at INFO)
+  while [ ! -f phase.export.done ] && [ ! -f phase.export.failed ]; do sleep 2; done
+  [ -f phase.export.done ] || return 1
   VLLM_LOGGING_LEVEL=INFO python3 -m bench.grpo_evidence serve --model export > serve.json || return 1
   cat serve.json
 }
@@ -138,7 +144,7 @@ phase_baseline() {  # the same command on verl's default path: Megatron-Bridge l
   local t0; t0=$(python3 -c "import time; print(time.time())")
   mkdir -p base && echo "$t0" > base/t0
   first_step_clock base "$t0" baseline &
-  (grpo base --model bf16 --save-every 0 --set trainer.total_training_steps=3 \
+  (grpo base --model bf16 --save-every 0 --set trainer.total_training_steps=1 \
     --set actor_rollout_ref.actor.megatron.use_dist_checkpointing=False \
     --set actor_rollout_ref.ref.megatron.use_dist_checkpointing=False > base/launch.log 2>&1)
 }
@@ -149,25 +155,33 @@ pipeline() {
   export GPU_GB
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > gpu.txt 2>&1
   local from=${1:-setup} go=0
-  for phase in $PHASES; do
+  for entry in $PHASES; do
+    local phase=${entry%&}
     [ "$phase" = "$from" ] && go=1
     [ $go = 1 ] || continue
     [ -f "phase.$phase.done" ] && continue
     rm -f "phase.$phase.failed"
-    echo "=== phase $phase $(date +%T)"; local s; s=$(date +%s)
-    if "phase_$phase" > "phase.$phase.log" 2>&1; then
-      echo "$(( $(date +%s) - s ))" > "phase.$phase.done"; echo "=== $phase done in $(( $(date +%s) - s )) s"
-    else
-      echo "$(( $(date +%s) - s ))" > "phase.$phase.failed"; echo "=== $phase FAILED"; tail -40 "phase.$phase.log"
-      local log; case $phase in train) log=run/launch.log ;; resume) log=run/resume/launch.log ;; baseline) log=base/launch.log ;; *) log=none ;; esac
-      if [ -f "$log" ]; then
-        echo "--- errors in $log"; grep -nE "Error|error:|Traceback|Exception|FAIL" "$log" | grep -v "^.*Warning" | tail -25
-        echo "--- tail $log"; tail -25 "$log"
-      fi
-      case $phase in setup|train) echo "=== stopping"; touch pipeline.finished; return 1 ;; esac
-    fi
+    if [ "$entry" != "$phase" ]; then run_phase "$phase" & continue; fi
+    run_phase "$phase" || { touch pipeline.finished; return 1; }
   done
+  wait
   touch pipeline.finished
+}
+
+run_phase() {  # run_phase PHASE: 1 when a failed phase stops the pipeline
+  local phase=$1
+  echo "=== phase $phase $(date +%T)"; local s; s=$(date +%s)
+  if "phase_$phase" > "phase.$phase.log" 2>&1; then
+    echo "$(( $(date +%s) - s ))" > "phase.$phase.done"; echo "=== $phase done in $(( $(date +%s) - s )) s"; return 0
+  fi
+  echo "$(( $(date +%s) - s ))" > "phase.$phase.failed"; echo "=== $phase FAILED"; tail -40 "phase.$phase.log"
+  local log; case $phase in train) log=run/launch.log ;; resume) log=run/resume/launch.log ;; baseline) log=base/launch.log ;; *) log=none ;; esac
+  if [ -f "$log" ]; then
+    echo "--- errors in $log"; grep -nE "Error|error:|Traceback|Exception|FAIL" "$log" | grep -v "^.*Warning" | tail -25
+    echo "--- tail $log"; tail -25 "$log"
+  fi
+  case $phase in setup|train) echo "=== stopping"; return 1 ;; esac
+  return 0
 }
 
 status_line() {
@@ -186,7 +200,7 @@ pack() {
   done
   tar czf "$OUT/grpo_evidence.tgz" --exclude='*.safetensors' --exclude='*.distcp' --exclude='*.pt' --exclude='checkpoints' \
     pipeline.log phase.* gpu.txt te_keys_*.json export_check.json weights_change.json saved_layout.json serve.json \
-    run/train.log run/launch.log run/command.json run/t0 run/first_step_s run/sigterm_at run/report run/resume \
+    run/train.log run/launch.log run/command.json run/t0 run/first_step_s run/sigterm_at run/stopped_step run/report run/resume \
     base/train.log base/launch.log base/command.json base/t0 base/first_step_s base/report \
     model/config.json fp8/config.json 2>/dev/null
   ls -la "$OUT"
@@ -203,7 +217,7 @@ restart)
   phase=${2:?phase}
   rm -rf "$W/repo"; mkdir -p "$W/repo"; cp -r converters launch patcher kernels atomicio bench "$W/repo/"
   cd "$W" && rm -f pipeline.finished phase.*.failed
-  started=0; for p in $PHASES; do [ "$p" = "$phase" ] && started=1; [ $started = 1 ] && rm -f "phase.$p.done"; done
+  started=0; for p in $PHASES; do p=${p%&}; [ "$p" = "$phase" ] && started=1; [ $started = 1 ] && rm -f "phase.$p.done"; done
   setsid nohup bash "$W/repo/bench/grpo_device.sh" pipeline "$phase" >> "$W/pipeline.log" 2>&1 < /dev/null &
   sleep 2; echo "pipeline restarted from $phase" ;;
 pipeline) pipeline "${2:-setup}" ;;

@@ -32,7 +32,7 @@ env_for_run() {
   cd "$W"
 }
 
-# the user's command: everything but the smoke-run sizes is launch grpo's own plan and settings; later flags win
+# the user's command (no validation before the first step: ~50 s a launch, shown rising on 2026-12-05): everything but the smoke-run sizes is launch grpo's own plan and settings; later flags win
 grpo() {  # grpo RUN_DIR [extra flags]; exec: run in the background, $! is launch grpo itself (a signal reaches it)
   local run=$1; shift
   exec python3 -m launch.cli grpo --nodes 1 --gpus-per-node 1 --gpu-mem-gb "$GPU_GB" \
@@ -48,6 +48,7 @@ grpo() {  # grpo RUN_DIR [extra flags]; exec: run in the background, $! is launc
     --set actor_rollout_ref.rollout.enforce_eager=True \
     --set actor_rollout_ref.rollout.agent.num_workers=2 --set reward.num_workers=2 \
     --set trainer.project_name=dsv3-toolkit --set trainer.experiment_name=grpo-smoke \
+    --set trainer.val_before_train=False \
     "$@"
 }
 

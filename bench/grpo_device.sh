@@ -134,7 +134,8 @@ phase_export() {  # the step saved before the SIGTERM (the resumed launch may be
   return $code
 }
 
-phase_serve() {  # vLLM serves the export (its MLA backend goes to the log at INFO)
+phase_serve() {  # vLLM serves the export (its MLA backend goes to the log at INFO); no flashinfer on this stack, as for verl
+  export VLLM_USE_FLASHINFER_SAMPLER=0
   while [ ! -f phase.export.done ] && [ ! -f phase.export.failed ]; do sleep 2; done
   [ -f phase.export.done ] || return 1
   VLLM_LOGGING_LEVEL=INFO python3 -m bench.grpo_evidence serve --model export > serve.json || return 1

@@ -59,15 +59,9 @@ def model_config(layers: int, experts: int, tiny: bool = False) -> dict:
 
 def write_hf_checkpoint(dst: Path, config: dict, shard_bytes: int = 2 * 10**9) -> int:
     """Random BF16 weights (float32 expert bias) in safetensors shards with an index; returns bytes."""
-    from converters.hf.safetensors_io import (
-        DTYPE_NAMES,
-        INDEX_NAME,
-        OutputTensor,
-        encode_header,
-        order_for_writing,
-        tensor_bytes,
-    )
+    from converters.hf.safetensors_io import DTYPE_NAMES, OutputTensor, encode_header, order_for_writing, tensor_bytes
     from converters.mcore.to_hf import hf_tensor_shapes
+    from toolkit.safetensors_index import INDEX_NAME
 
     dst.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)

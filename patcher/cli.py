@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from patcher import __version__
 from patcher.patches import MegatronTree, PatchError, Status, resolve
 from patcher.stack import tree_advice
+from toolkit.version import __version__
 
 DESCRIPTION = """\
 Patch Megatron-Core and DeepSeek-V3 configs for verl GRPO.

@@ -23,7 +23,7 @@ from typing import Any
 from atomicio import atomic_write_bytes, fsync_dir
 from patcher import megatron_spec, mla_rope_grad, te_export_flag
 from patcher.cst_util import SourceParseError
-from patcher.hf_config import ConfigEdit, ConfigFormatError, top_level_members
+from toolkit.hf_config import ConfigEdit, ConfigFormatError, top_level_members
 
 SPEC_RELATIVE = Path("core/models/gpt/gpt_layer_specs.py")
 TE_RELATIVE = Path("core/extensions/transformer_engine.py")
@@ -574,7 +574,7 @@ class HFConfigPatch(_BackedUpPatch):
 
 def fp8_evidence(model_dir: Path) -> str | None:
     """Why `model_dir` still holds FP8 weights (an index listing *_scale_inv, or float8 tensors), or None."""
-    from converters.hf.safetensors_io import INDEX_NAME, SafetensorsError, load_index, read_header
+    from toolkit.safetensors_index import INDEX_NAME, SafetensorsError, load_index, read_header
 
     try:
         weight_map, _ = load_index(model_dir)

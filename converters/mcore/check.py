@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from converters.jobs.errors import ConvertError
+from toolkit.errors import ConvertError
 
 # Logits are compared in float32; the two implementations order their reductions differently.
 ATOL = 1e-4

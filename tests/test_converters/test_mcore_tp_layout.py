@@ -98,7 +98,7 @@ def test_aligned_layout_on_disk(models):
 
 
 def test_recipe_takes_tp_and_etp_from_the_plan(models, tmp_path):
-    from launch.plan import RECIPES
+    from toolkit.recipes import RECIPES
 
     release = to_mcore(models["fp8"], tmp_path / "recipe", "--recipe", "pai-16x8", "--json")
     plan = RECIPES["pai-16x8"]

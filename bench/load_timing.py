@@ -188,7 +188,8 @@ def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, r
     from converters.mcore.read_cost import counting_reads
 
     if cpu:
-        from converters.mcore.shim import init_distributed, install_cpu_shim
+        from converters.mcore.shim import install_cpu_shim
+        from converters.mcore.world import init_distributed
 
         install_cpu_shim()
         init_distributed(rank, TP, port, tp=TP)

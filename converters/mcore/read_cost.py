@@ -399,7 +399,8 @@ def _measure_rank(rank: int, world: int, port: int, hf_dir: str, mcore_dir: str,
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from converters.mcore.check import build_model
-    from converters.mcore.shim import init_distributed, install_cpu_shim
+    from converters.mcore.shim import install_cpu_shim
+    from converters.mcore.world import init_distributed
 
     install_cpu_shim()
     init_distributed(rank, world, port, tp=tp, ep=ep)
@@ -423,12 +424,12 @@ def measure_load(hf_dir, mcore_dir, tp: int = 1, ep: int = 1, spec: str = "te") 
     import os
     import tempfile
 
-    from converters.mcore.check import _free_port
+    from converters.mcore.world import free_port
 
     world = tp * ep
     with tempfile.TemporaryDirectory() as scratch:
         result = os.path.join(scratch, "reads")
-        args = (world, _free_port(), str(hf_dir), str(mcore_dir), tp, ep, spec, result)
+        args = (world, free_port(), str(hf_dir), str(mcore_dir), tp, ep, spec, result)
         torch.multiprocessing.start_processes(_measure_rank, args=args, nprocs=world, start_method="spawn", join=True)
         records = [json.loads(open(f"{result}.{rank}").read()) for rank in range(world)]
     for record in records:

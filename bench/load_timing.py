@@ -12,7 +12,7 @@ Engine optional):
    (`posix_fadvise(DONTNEED)` after `sync`; `--warm` keeps them), then each rank builds the model
    (TE spec when Transformer Engine imports, else the local spec with the TE names mapped on) and
    times megatron-core's `dist_checkpointing.load` as verl calls it, counting the bytes its reader
-   pulls from the `.distcp` files (converters.mcore.read_cost.counting_reads);
+   pulls from the `.distcp` files (bench.load_reads.counting_reads);
 4. checks that both layouts load the same values (a float64 sum per parameter, per rank) and that
    each rank's slices of the embedding and of layer 0's `linear_proj` equal the HF tensors'.
 
@@ -185,7 +185,7 @@ def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, r
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from torch.distributed.checkpoint import FileSystemReader
 
-    from converters.mcore.read_cost import counting_reads
+    from bench.load_reads import counting_reads
 
     if cpu:
         from converters.mcore.shim import install_cpu_shim

@@ -87,7 +87,7 @@ class Preflight:
 
 
 def _check_model(preflight: Preflight, model: Path) -> None:
-    from patcher.patches import HFConfigPatch
+    from patcher.config_patch import HFConfigPatch
 
     status = HFConfigPatch(model / "config.json").detect() if (model / "config.json").is_file() else None
     if status is None:
@@ -233,8 +233,9 @@ def check_megatron(preflight: Preflight, plan: Plan, verl_config: dict | None, m
     """Fail on a harmful Megatron state for this stack; demand only the patches this stack needs.
 
     `megatron`: the tree the workers import (default: the megatron-core this Python imports)."""
-    from patcher.patches import PatchError, resolve
     from patcher.stack import advise, installed_stack
+    from patcher.states import PatchError
+    from patcher.targets import resolve
 
     try:
         status = resolve(megatron).detect()

@@ -128,7 +128,7 @@ def megatron_copy(tmp_path: Path, *apply_args: str) -> Path:
     import shutil
 
     from patcher.cli import main as patcher_main
-    from patcher.patches import installed_megatron_root
+    from patcher.targets import installed_megatron_root
 
     site = tmp_path / "site"
     shutil.copytree(installed_megatron_root(), site / "megatron", ignore=shutil.ignore_patterns("__pycache__"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from converters.hf.safetensors_io import INDEX_NAME
+from toolkit.safetensors_index import INDEX_NAME
 
 EXPERT_SHAPES = [(2048, 7168), (2048, 7168), (7168, 2048)]
 
@@ -105,7 +105,7 @@ def sequential_reference(src: Path, dst: Path, device: str) -> None:
 
 
 def _fp8_infos(src: Path):
-    from converters.hf.safetensors_io import read_header
+    from toolkit.safetensors_index import read_header
 
     for shard in sorted(src.glob("*.safetensors")):
         yield from (t for t in read_header(shard).tensors.values() if t.dtype == "F8_E4M3")

@@ -12,7 +12,7 @@ Engine optional):
    (`posix_fadvise(DONTNEED)` after `sync`; `--warm` keeps them), then each rank builds the model
    (TE spec when Transformer Engine imports, else the local spec with the TE names mapped on) and
    times megatron-core's `dist_checkpointing.load` as verl calls it, counting the bytes its reader
-   pulls from the `.distcp` files (converters.mcore.read_cost.counting_reads);
+   pulls from the `.distcp` files (bench.load_reads.counting_reads);
 4. checks that both layouts load the same values (a float64 sum per parameter, per rank) and that
    each rank's slices of the embedding and of layer 0's `linear_proj` equal the HF tensors'.
 
@@ -59,15 +59,9 @@ def model_config(layers: int, experts: int, tiny: bool = False) -> dict:
 
 def write_hf_checkpoint(dst: Path, config: dict, shard_bytes: int = 2 * 10**9) -> int:
     """Random BF16 weights (float32 expert bias) in safetensors shards with an index; returns bytes."""
-    from converters.hf.safetensors_io import (
-        DTYPE_NAMES,
-        INDEX_NAME,
-        OutputTensor,
-        encode_header,
-        order_for_writing,
-        tensor_bytes,
-    )
+    from converters.hf.safetensors_io import DTYPE_NAMES, OutputTensor, encode_header, order_for_writing, tensor_bytes
     from converters.mcore.to_hf import hf_tensor_shapes
+    from toolkit.safetensors_index import INDEX_NAME
 
     dst.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
@@ -191,10 +185,11 @@ def _rank_main(rank: int, port: int, work: str, rounds: list[str], warm: bool, r
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from torch.distributed.checkpoint import FileSystemReader
 
-    from converters.mcore.read_cost import counting_reads
+    from bench.load_reads import counting_reads
 
     if cpu:
-        from converters.mcore.shim import init_distributed, install_cpu_shim
+        from converters.mcore.shim import install_cpu_shim
+        from converters.mcore.world import init_distributed
 
         install_cpu_shim()
         init_distributed(rank, TP, port, tp=TP)

@@ -160,7 +160,8 @@ def widths(work: Path, experts: int, repeats: int = 1, configs: tuple[str, ...] 
 LOAD_ALL_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from converters.mcore.shim import install_cpu_shim, init_distributed
+from converters.mcore.shim import install_cpu_shim
+from converters.mcore.world import init_distributed
 from converters.mcore.check import build_model
 from converters.testing import load_checkpoint
 import json
@@ -178,7 +179,7 @@ dist_checkpointing.save(model.sharded_state_dict(), out)
 
 
 def versus(work: Path) -> dict:
-    from converters.mcore.check import _free_port
+    from converters.mcore.world import free_port
     from converters.testing import make_fp8_checkpoint
 
     shutil.rmtree(work, ignore_errors=True)
@@ -187,7 +188,7 @@ def versus(work: Path) -> dict:
     make_fp8_checkpoint(fp8, overrides=overrides, shards=4)
     subprocess.run([sys.executable, "-m", "converters.cli", "fp8-bf16", "--src", str(fp8), "--dst", str(bf16), "--quiet"], check=True)
     ours = timed([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(bf16), "--dst", str(work / "ours"), "--quiet"])
-    load_all = timed([sys.executable, "-c", LOAD_ALL_SCRIPT, str(bf16), str(work / "ours" / "release"), str(work / "load-all"), str(_free_port())])
+    load_all = timed([sys.executable, "-c", LOAD_ALL_SCRIPT, str(bf16), str(work / "ours" / "release"), str(work / "load-all"), str(free_port())])
     size = sum(p.stat().st_size for p in bf16.glob("*.safetensors"))
     return {"model_gb": round(size / 1e9, 3), "ours": ours, "load_all_then_save": load_all,
             "time_ratio": round(load_all["seconds"] / ours["seconds"], 2), "memory_ratio": round(load_all["peak_rss_gb"] / ours["peak_rss_gb"], 2)}

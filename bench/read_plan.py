@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.tp is None:
-        from launch.plan import RECIPES
+        from toolkit.recipes import RECIPES
 
         recipe = RECIPES[args.recipe or "pai-16x8"]
         layout = ParallelLayout(recipe.world, recipe.tp, recipe.pp, recipe.ep, recipe.etp, recipe.cp,

@@ -49,7 +49,8 @@ def make_models(work: Path) -> dict[str, dict[str, Path]]:
 
 
 def _rank(rank: int, world: int, port: int, models: dict, layouts: list[str], scratch: str, backend: str) -> None:
-    from converters.mcore.check import check_on_rank, init_layout, init_world
+    from converters.mcore.check import check_on_rank
+    from converters.mcore.world import init_layout, init_world
 
     init_world(rank, world, port, backend == "te")  # cpu: gloo and the local spec, a dry run without GPUs
     for name, paths in models.items():
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=2, help="processes (one per GPU)")
     parser.add_argument("--backend", choices=["te", "cpu"], default="te", help="cpu: gloo and the local spec, to try the script without GPUs")
     args = parser.parse_args(argv)
-    from converters.mcore.check import NCCL_SAFE_ENV, _free_port, agreement_with_hf, versions
+    from converters.mcore.check import agreement_with_hf, versions
+    from converters.mcore.world import NCCL_SAFE_ENV, free_port
 
     args.out.mkdir(parents=True, exist_ok=True)
     models = make_models(args.work)
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     os.environ.update(NCCL_SAFE_ENV)
     torch.multiprocessing.start_processes(
-        _rank, args=(args.gpus, _free_port(), {k: {p: str(v) for p, v in d.items()} for k, d in models.items()}, args.layouts, str(scratch), args.backend),
+        _rank, args=(args.gpus, free_port(), {k: {p: str(v) for p, v in d.items()} for k, d in models.items()}, args.layouts, str(scratch), args.backend),
         nprocs=args.gpus, start_method="spawn", join=True,
     )
     summary: dict = {"versions": versions(), "backend": args.backend, "gpus": args.gpus, "results": {}}

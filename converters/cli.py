@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 
 from converters.jobs.errors import EXIT_FAILED, as_convert_error, signals_raise
-from patcher import __version__
+from toolkit.version import __version__
 
 DESCRIPTION = "Convert DeepSeek-V3-class checkpoints and data for verl GRPO on Megatron-Core."
 
@@ -224,7 +224,7 @@ def _alignment(args: argparse.Namespace) -> tuple[int | None, int | None]:
         return args.align_tp, args.align_etp
     if args.align_tp is not None or args.align_etp is not None:
         raise ValueError("give either --recipe or --align-tp/--align-etp, not both")
-    from launch.plan import RECIPES
+    from toolkit.recipes import RECIPES
 
     if args.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}")

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from converters.jobs.errors import ConvertError
-from patcher.hf_config import ConfigFormatError, top_level_members
+from toolkit.errors import ConvertError
+from toolkit.hf_config import ConfigFormatError, top_level_members
 
 SPACE_MARGIN = 64 * 1024 * 1024
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from patcher import __version__
+from toolkit.version import __version__
 
 DESCRIPTION = "Plan, check and run verl GRPO for DeepSeek-V3-class models, and plot its metrics; `launch demo` runs the toolkit end to end."
 

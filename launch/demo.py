@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from converters.testing import deepseek_v3_config
-from patcher.patches import installed_megatron_spec, resolve
+from patcher.targets import installed_megatron_spec, resolve
 
 # console-script name -> module, so the demo runs with this interpreter even outside the venv's PATH
 _ENTRY_POINTS = {"patcher": "patcher.cli", "convert": "converters.cli", "launch": "launch.cli"}

@@ -46,8 +46,9 @@ def report() -> dict:
         cuda = {"available": torch.cuda.is_available(), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     except ImportError:
         pass
-    from patcher.patches import PatchError, resolve
     from patcher.stack import tree_advice
+    from patcher.states import PatchError
+    from patcher.targets import resolve
 
     try:
         status = resolve(None).detect()

@@ -32,7 +32,8 @@ from launch.overrides import (
     stack_requirements,
     validate_with_verl,
 )
-from launch.plan import Plan, PlanError, count_params, make_plan, plan_report
+from launch.plan import PlanError, count_params, make_plan, plan_report
+from toolkit.recipes import Plan
 
 NODE_ENVIRONMENT = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
 # what one saved step holds per parameter: bf16 weights (model/dist_ckpt) + fp32 master, Adam m and v (optimizer/)
@@ -86,7 +87,7 @@ class Preflight:
 
 
 def _check_model(preflight: Preflight, model: Path) -> None:
-    from patcher.patches import HFConfigPatch
+    from patcher.config_patch import HFConfigPatch
 
     status = HFConfigPatch(model / "config.json").detect() if (model / "config.json").is_file() else None
     if status is None:
@@ -232,8 +233,9 @@ def check_megatron(preflight: Preflight, plan: Plan, verl_config: dict | None, m
     """Fail on a harmful Megatron state for this stack; demand only the patches this stack needs.
 
     `megatron`: the tree the workers import (default: the megatron-core this Python imports)."""
-    from patcher.patches import PatchError, resolve
     from patcher.stack import advise, installed_stack
+    from patcher.states import PatchError
+    from patcher.targets import resolve
 
     try:
         status = resolve(megatron).detect()
@@ -256,8 +258,8 @@ def dist_checkpoint(ckpt: Path):
     or a verl checkpoints dir or step (`convert mcore-hf` finds it the same way); (ckpt, None) when there is none."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from converters.jobs.errors import ConvertError
     from converters.mcore.to_hf import find_dist_checkpoint
+    from toolkit.errors import ConvertError
 
     try:
         found = find_dist_checkpoint(ckpt)
@@ -288,7 +290,7 @@ def _check_read_volume(preflight: Preflight, metadata, config: dict, plan: Plan)
     from converters.mcore.mapping import plan_mapping
     from converters.mcore.read_cost import ParallelLayout, cluster_read, detect_alignment
     from converters.mcore.to_hf import detect_spec, hf_tensor_shapes
-    from converters.preflight import ConvertError
+    from toolkit.errors import ConvertError
 
     tp, etp = detect_alignment(metadata)
     wanted = f"--align-tp {plan.tp} --align-etp {plan.etp}"

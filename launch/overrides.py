@@ -18,7 +18,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-from launch.plan import Plan
+from toolkit.recipes import Plan
 
 ENTRYPOINT = ["-m", "verl.trainer.main_ppo"]
 ROLES = ("actor", "ref")  # each builds its own Megatron model from its own megatron config

@@ -1,10 +1,1 @@
 """Source and config patches: Megatron's MLA down projections, DeepSeek-V3's config.json."""
-
-from importlib.metadata import PackageNotFoundError, version
-
-DISTRIBUTION = "dsv3-grpo-toolkit"
-
-try:
-    __version__ = version(DISTRIBUTION)
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"

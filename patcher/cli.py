@@ -1,4 +1,4 @@
-"""`patcher`: command-line entry that parses arguments and calls patcher.patches."""
+"""`patcher`: command-line entry that parses arguments and calls patcher.targets (what PATH is) and its patches."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from patcher import __version__
-from patcher.patches import MegatronTree, PatchError, Status, resolve
+from patcher.megatron_tree import MegatronTree
 from patcher.stack import tree_advice
+from patcher.states import PatchError, Status
+from patcher.targets import resolve
+from toolkit.version import __version__
 
 DESCRIPTION = """\
 Patch Megatron-Core and DeepSeek-V3 configs for verl GRPO.

@@ -22,7 +22,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from patcher.patches import (
+from patcher.states import (
     APPLIED,
     EXPORT_FLAG,
     NEEDED,

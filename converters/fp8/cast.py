@@ -25,11 +25,11 @@ from atomicio import atomic_copy, atomic_write_bytes
 from converters.fp8.plan import FINISHED_FILE, STATE_DIR, CastOptions, CastPlan, ShardJob, plan_cast, shard_is_done
 from converters.fp8.shard import convert_shard, remove_dead_temps
 from converters.fp8.verify import verify_cast
-from converters.hf.safetensors_io import INDEX_NAME
 from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
 from converters.jobs.progress import Progress
 from converters.preflight import check_free_space, check_paths, check_readable, resolve_device
+from toolkit.safetensors_index import INDEX_NAME
 
 
 @dataclass

@@ -10,23 +10,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converters.hf.safetensors_io import (
-    INDEX_NAME,
-    OutputTensor,
-    SafetensorsError,
-    ShardHeader,
-    TensorInfo,
-    encode_header,
-    load_index,
-    order_for_writing,
-    read_header,
-)
+from converters.hf.safetensors_io import OutputTensor, encode_header, order_for_writing
 from converters.jobs.claim import Destination
 from converters.jobs.options import JobOptions
 from converters.jobs.partition import balance
-from converters.preflight import ConvertError, read_config
+from converters.preflight import read_config
 from kernels.fp8 import DEFAULT_BLOCK, scale_shape
-from patcher.hf_config import ConfigEdit, ConfigFormatError
+from toolkit.errors import ConvertError
+from toolkit.hf_config import ConfigEdit, ConfigFormatError
+from toolkit.safetensors_index import INDEX_NAME, SafetensorsError, ShardHeader, TensorInfo, load_index, read_header
 
 STATE_DIR = ".fp8-bf16"
 FINISHED_FILE = ".fp8-bf16-source.json"  # kept: the identity of a finished output

@@ -20,13 +20,10 @@ import torch
 
 from atomicio import AtomicFile
 from converters.fp8.plan import STATE_DIR, CastError, CastPlan, ShardJob, TensorJob
-from converters.hf.safetensors_io import (
-    TensorInfo,
-    read_tensor,
-    tensor_bytes,
-)
+from converters.hf.safetensors_io import read_tensor, tensor_bytes
 from converters.jobs.throttle import Throttle
 from kernels.fp8 import FP8FormatError, dequant_fp8_blocks_batched
+from toolkit.safetensors_index import TensorInfo
 
 
 def remove_dead_temps(state_dir: Path) -> None:

@@ -8,8 +8,9 @@ import torch
 
 from converters.fp8.plan import CastError, CastPlan, TensorJob
 from converters.hf.checkpoint import row_range
-from converters.hf.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from converters.hf.safetensors_io import read_tensor
 from kernels.fp8 import dequant_fp8_blocks
+from toolkit.safetensors_index import SafetensorsError, TensorInfo, read_header
 
 _FULL_COMPARE_BYTES = 4 * 1024 * 1024
 

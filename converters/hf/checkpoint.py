@@ -8,10 +8,11 @@ from typing import Any
 import torch
 
 from converters.hf.buffers import BufferPool
-from converters.hf.safetensors_io import DTYPES, SafetensorsError, TensorInfo, load_index, read_header, read_tensor
-from converters.jobs.errors import ConvertError
+from converters.hf.safetensors_io import DTYPES, read_tensor
 from converters.preflight import read_config
 from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks
+from toolkit.errors import ConvertError
+from toolkit.safetensors_index import SafetensorsError, TensorInfo, load_index, read_header
 
 SCALE_SUFFIX = "_scale_inv"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from atomicio import atomic_write_bytes
-from converters.jobs.errors import ConvertError
+from toolkit.errors import ConvertError
 
 CLAIM_FILE = "claim.json"
 

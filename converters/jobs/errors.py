@@ -1,6 +1,8 @@
 """One error root for every converter, and the exit code each kind of failure maps to.
 
 The CLI catches `ConvertError` once and prints its message: no traceback for an expected failure.
+The root itself (and its exit code 2, refused) is `toolkit.errors.ConvertError`, on the ground floor,
+because the safetensors reader there raises it too.
 """
 
 from __future__ import annotations
@@ -11,26 +13,16 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from toolkit.errors import ConvertError
+
 EXIT_DONE = 0
 EXIT_PART_DONE = 1  # this --shard part is done, other parts are still missing
-EXIT_REFUSED = 2
 EXIT_IO = 3
 EXIT_FAILED = 4  # a worker process died, or an internal error (a bug: the traceback is printed)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-class ConvertError(Exception):
-    """An expected failure (bad input, unsafe request); the message says what and what to do."""
-
-    exit_code = EXIT_REFUSED
-
-    def __init__(self, message: str, exit_code: int | None = None) -> None:
-        super().__init__(message)
-        if exit_code is not None:
-            self.exit_code = exit_code
 
 
 class IOFailure(ConvertError):

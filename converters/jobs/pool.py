@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
-from converters.jobs.errors import EXIT_FAILED, ConvertError, WorkerDied, as_convert_error, signals_raise
+from converters.jobs.errors import EXIT_FAILED, WorkerDied, as_convert_error, signals_raise
+from toolkit.errors import ConvertError
 
 POLL_SECONDS = 1.0  # how often signal handlers get a chance while nothing happens
 STOP_GRACE_SECONDS = 10.0  # after SIGTERM, how long a worker may take to remove its temp files

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from converters.jobs.errors import ConvertError
+from converters.mcore.world import NCCL_SAFE_ENV, free_port, init_layout, init_world
+from toolkit.errors import ConvertError
 
 # Logits are compared in float32; the two implementations order their reductions differently.
 ATOL = 1e-4
@@ -43,8 +43,6 @@ ATOL = 1e-4
 TE_ATOL = 5e-3
 SEQUENCE = 16  # divisible by TP (sequence parallel splits it)
 BATCH = 2
-# Multi-GPU hosts shared with others: never use NVLink multicast.
-NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # megatron-core 0.19 asks for this when q_lora_rank is null (seen on 2x H200; tests/data/te_keys/)
 Q_NORM_WITHOUT_SOURCE = ".self_attention.linear_q_proj.layer_norm_weight"
 SPEC_MARKERS = {
@@ -79,12 +77,6 @@ class CheckReport:
 
     def to_json(self) -> dict:
         return {**asdict(self), "ok": self.ok}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def te_available() -> bool:
@@ -249,29 +241,6 @@ def _forward(model, config: dict, tp: int, te: bool):
     return ids, output
 
 
-def init_world(rank: int, world: int, port: int, te: bool) -> None:
-    """This process's place in a world on 127.0.0.1: NCCL on GPU `rank`, or gloo with the CPU shim."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **NCCL_SAFE_ENV)
-    if te:
-        torch.cuda.set_device(rank)
-        torch.distributed.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
-        return
-    from converters.mcore.shim import install_cpu_shim
-
-    install_cpu_shim()
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-
-
-def init_layout(tp: int, pp: int, ep: int, te: bool) -> None:
-    """Megatron's model-parallel groups and RNG for one layout (again after another layout's)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep)
-    model_parallel_cuda_manual_seed(1234, **({} if te else {"inference_rng_tracker": True, "force_reset_rng": True}))
-
-
 def agreement_with_hf(hf_dir: Path, ids: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
     """(max |logits difference|, cosine) against transformers' float32 logits on the same tokens."""
     reference = hf_logits(hf_dir, ids)
@@ -353,7 +322,7 @@ def run_check(hf_dir: Path, mcore_dir: Path, tp: int = 1, pp: int = 1, ep: int =
     if not (mcore_dir / ".metadata").is_file():
         raise CheckError(f"{mcore_dir}: no .metadata; give the dist_checkpointing_path (DST/release) of `convert hf-mcore`")
     world = tp * pp * ep
-    port = _free_port()
+    port = free_port()
     report = CheckReport(backend=backend, layout={"tp": tp, "pp": pp, "ep": ep, "sequence_parallel": backend == "te" and tp > 1}, versions=versions())
     with tempfile.TemporaryDirectory() as scratch:
         result = os.path.join(scratch, "outcome.pt")

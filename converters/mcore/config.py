@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from converters.jobs.errors import ConvertError
+from toolkit.errors import ConvertError
 
 # megatron-core field <- HF config key, read top to bottom
 CONFIG_MAPPING: dict[str, str] = {

@@ -43,7 +43,8 @@ from converters.mcore.dist_ckpt import (
 )
 from converters.mcore.mapping import Chunk, MappingError, check_shapes, plan_mapping
 from converters.mcore.tp_layout import BoxReader, LayoutError, align_mapping
-from converters.preflight import ConvertError, check_free_space, check_paths, resolve_device
+from converters.preflight import check_free_space, check_paths, resolve_device
+from toolkit.errors import ConvertError
 
 
 @dataclass(frozen=True)

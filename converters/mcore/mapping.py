@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from converters.jobs.errors import ConvertError
 from converters.mcore.config import moe_layer_freq
+from toolkit.errors import ConvertError
 
 SPECS = ("te", "local")
 

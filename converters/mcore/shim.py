@@ -1,7 +1,8 @@
 """Run megatron-core on CPU with gloo (tests, the demo, and loading checks without a GPU).
 
 megatron-core assumes CUDA in a few places; these patches make a tiny model build, run and load a
-dist checkpoint on CPU. Nothing here is needed (or used) on a GPU machine.
+dist checkpoint on CPU. Nothing here is needed (or used) on a GPU machine. The gloo world itself is
+set up by `converters.mcore.world`.
 """
 
 from __future__ import annotations
@@ -20,14 +21,6 @@ def install_cpu_shim() -> None:
 
     multi_latent_attention.HAVE_TE = False
     moe_utils.te_general_gemm = None  # referenced by the fp32 router even when TE is absent
-
-
-def init_distributed(rank: int, world_size: int, port: int, tp: int = 1, pp: int = 1, ep: int = 1) -> None:
-    """gloo process group on 127.0.0.1 and megatron's model-parallel groups."""
-    from converters.mcore.check import init_layout, init_world
-
-    init_world(rank, world_size, port, te=False)
-    init_layout(tp, pp, ep, te=False)
 
 
 def local_core_attention():

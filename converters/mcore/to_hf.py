@@ -19,19 +19,14 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
-from converters.hf.safetensors_io import (
-    DTYPE_NAMES,
-    INDEX_NAME,
-    OutputTensor,
-    encode_header,
-    order_for_writing,
-    tensor_bytes,
-)
+from converters.hf.safetensors_io import DTYPE_NAMES, OutputTensor, encode_header, order_for_writing, tensor_bytes
 from converters.jobs.progress import Progress
 from converters.mcore.config import moe_layer_freq
 from converters.mcore.mapping import MTP_DUPLICATES, plan_mapping
-from converters.preflight import ConvertError, check_free_space, check_paths, check_readable, read_config
-from patcher.hf_config import ConfigEdit
+from converters.preflight import check_free_space, check_paths, check_readable, read_config
+from toolkit.errors import ConvertError
+from toolkit.hf_config import ConfigEdit
+from toolkit.safetensors_index import INDEX_NAME
 
 SHARD_BYTES = 5 * 1000**3
 _SKIP_FROM_CONFIG_DIR = {INDEX_NAME, "config.json"}

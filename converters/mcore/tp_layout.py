@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from converters.jobs.errors import ConvertError
 from converters.mcore.mapping import Chunk, MappingPlan, McoreTensor
+from toolkit.errors import ConvertError
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
 

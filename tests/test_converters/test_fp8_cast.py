@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from converters.fp8.cast import run_cast
 from converters.fp8.plan import FINISHED_FILE, CastOptions, plan_cast
 from converters.mcore.check import hf_logits
-from converters.preflight import ConvertError
 from converters.testing import EXTRA_FILES, dequantised, load_checkpoint, make_fp8_checkpoint
+from toolkit.errors import ConvertError
 
 SCALE_ELSEWHERE = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
 

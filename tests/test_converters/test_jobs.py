@@ -18,10 +18,11 @@ import pytest
 from faults import assert_gone
 
 from converters.jobs.claim import CLAIM_FILE, Destination
-from converters.jobs.errors import ConvertError, Interrupted, WorkerDied, as_convert_error
+from converters.jobs.errors import Interrupted, WorkerDied, as_convert_error
 from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
 from converters.jobs.progress import Progress
+from toolkit.errors import ConvertError
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_PATHS = [str(Path(__file__).resolve().parent), str(REPO / "tests")]  # test_jobs, then faults

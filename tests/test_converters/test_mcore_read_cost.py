@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
+from bench.load_reads import measure_load
 from converters.hf.checkpoint import HFCheckpoint
 from converters.mcore.mapping import plan_mapping
-from converters.mcore.read_cost import ChunkIndex, ParallelLayout, Request, layer_stages, measure_load, rank_requests
+from converters.mcore.read_cost import ChunkIndex, ParallelLayout, Request, layer_stages, rank_requests
 from converters.testing import make_fp8_checkpoint
 
 # big enough that the DCP record framing (~2 KB read per stored chunk) stays small next to the data

@@ -98,7 +98,7 @@ def test_aligned_layout_on_disk(models):
 
 
 def test_recipe_takes_tp_and_etp_from_the_plan(models, tmp_path):
-    from launch.plan import RECIPES
+    from toolkit.recipes import RECIPES
 
     release = to_mcore(models["fp8"], tmp_path / "recipe", "--recipe", "pai-16x8", "--json")
     plan = RECIPES["pai-16x8"]
@@ -136,7 +136,8 @@ def _save_at_tp2(rank: int, port: int, hf_dir: str, mcore_dir: str, out: str) ->
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from converters.mcore.check import build_model
-    from converters.mcore.shim import init_distributed, install_cpu_shim
+    from converters.mcore.shim import install_cpu_shim
+    from converters.mcore.world import init_distributed
 
     install_cpu_shim()
     init_distributed(rank, 2, port, tp=2)
@@ -153,11 +154,11 @@ def _save_at_tp2(rank: int, port: int, hf_dir: str, mcore_dir: str, out: str) ->
 def test_megatron_saved_tp2_checkpoint_exports_to_hf(models, tmp_path):
     """A checkpoint written by megatron-core's own save at TP2 (chunks = the ranks' slices, float32 as the
     model holds them) exports to the same values."""
-    from converters.mcore.check import _free_port
     from converters.mcore.read_cost import detect_alignment
+    from converters.mcore.world import free_port
 
     saved = tmp_path / "saved"
-    torch.multiprocessing.start_processes(_save_at_tp2, args=(_free_port(), str(models["bf16"]), str(models["tp2"]), str(saved)),
+    torch.multiprocessing.start_processes(_save_at_tp2, args=(free_port(), str(models["bf16"]), str(models["tp2"]), str(saved)),
                                           nprocs=2, start_method="spawn", join=True)
     assert detect_alignment(FileSystemReader(str(saved)).read_metadata()) == (2, 2)
     back = tmp_path / "back"

@@ -13,7 +13,8 @@ from packaging.version import Version
 
 from launch.grpo import cluster_from_env
 from launch.overrides import build_overrides, dialect, installed_verl, validate_with_verl
-from launch.plan import RECIPES, PlanError, check_rules, load_model_config, make_plan, stage_split
+from launch.plan import PlanError, check_rules, load_model_config, make_plan, stage_split
+from toolkit.recipes import RECIPES
 
 DSV3 = load_model_config("deepseek-v3")
 
@@ -127,7 +128,7 @@ def megatron_copy(tmp_path: Path, *apply_args: str) -> Path:
     import shutil
 
     from patcher.cli import main as patcher_main
-    from patcher.patches import installed_megatron_root
+    from patcher.targets import installed_megatron_root
 
     site = tmp_path / "site"
     shutil.copytree(installed_megatron_root(), site / "megatron", ignore=shutil.ignore_patterns("__pycache__"))
@@ -173,7 +174,7 @@ def test_preflight_fails_on_the_column_edit_under_a_rank0_exporter(tmp_path):
 def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
     from converters.testing import make_fp8_checkpoint
     from launch.grpo import Preflight, _check_read_volume, dist_checkpoint
-    from launch.plan import Plan
+    from toolkit.recipes import Plan
 
     source = tmp_path / "fp8"
     config = make_fp8_checkpoint(source, shards=2)
@@ -203,7 +204,7 @@ def test_preflight_reports_checkpoint_layout_and_read_volume(tmp_path):
 def test_preflight_names_tensors_the_model_asks_for_and_the_checkpoint_lacks(tmp_path):
     from converters.testing import make_fp8_checkpoint
     from launch.grpo import Preflight, _check_read_volume, dist_checkpoint
-    from launch.plan import Plan
+    from toolkit.recipes import Plan
 
     source = tmp_path / "fp8"
     config = make_fp8_checkpoint(source, shards=2)  # keeps its MTP layer in config.json

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from patcher.patches import installed_megatron_root
+from patcher.targets import installed_megatron_root
 
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5

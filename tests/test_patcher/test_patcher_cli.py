@@ -14,7 +14,7 @@ import pytest
 
 from converters.testing import deepseek_v3_config
 from patcher.cli import main
-from patcher.patches import installed_megatron_spec
+from patcher.targets import installed_megatron_spec
 
 SPEC = Path("megatron/core/models/gpt/gpt_layer_specs.py")
 TE = Path("megatron/core/extensions/transformer_engine.py")

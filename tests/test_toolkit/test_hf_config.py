@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from patcher.hf_config import ConfigEdit, ConfigFormatError, remove_key, set_key, top_level_members
+from toolkit.hf_config import ConfigEdit, ConfigFormatError, remove_key, set_key, top_level_members
 
 PRETTY = '{\n    "a": 1,\n    "quantization_config": {"fmt": "e4m3"},\n    "num_nextn_predict_layers": 1,\n    "z": [1, 2]\n}\n'
 

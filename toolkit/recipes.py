@@ -1,0 +1,59 @@
+"""Parallel sizes of a GRPO run (the `Plan`) and the named known-good recipes.
+
+On the ground floor because `convert hf-mcore --recipe` cuts the checkpoint's chunks for a recipe's
+TP/ETP, and `launch plan` checks, searches and prints plans (`launch.plan`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Plan:
+    nodes: int
+    gpus_per_node: int
+    gpu_mem_gb: float
+    tp: int
+    pp: int
+    ep: int
+    etp: int
+    cp: int = 1
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    rollout_tp: int = 8
+    gpu_memory_utilization: float = 0.6
+    param_offload: bool = True
+    grad_offload: bool = True
+    optimizer_offload: bool = True
+    optimizer_offload_fraction: float | None = None
+    micro_batch_size: int = 1
+    recipe: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp * self.cp)
+
+    @property
+    def vllm_engines(self) -> int:
+        return self.world // self.rollout_tp
+
+
+# Known-good plans (../shared/REFERENCE.md section 5): reproduced exactly, never re-derived.
+RECIPES: dict[str, Plan] = {
+    # the seed how-to (Pai-Megatron-Patch) on 16 x 8 GPUs
+    "pai-16x8": Plan(16, 8, 96, tp=4, pp=16, ep=2, etp=4, first_stage_layers=3, last_stage_layers=2, rollout_tp=32,
+                     gpu_memory_utilization=0.6, extra={"lr": 2e-7, "rollout_n": 2}, recipe="pai-16x8"),
+    # verl's documented DeepSeek-V3 plans on H20 (96 GB)
+    "verl-h20-12": Plan(12, 8, 96, tp=8, pp=12, ep=8, etp=1, last_stage_layers=6, rollout_tp=32, recipe="verl-h20-12"),
+    "verl-h20-16": Plan(16, 8, 96, tp=8, pp=16, ep=8, etp=1, last_stage_layers=1, rollout_tp=32,
+                        optimizer_offload_fraction=0.5, recipe="verl-h20-16"),
+    "verl-h20-32": Plan(32, 8, 96, tp=8, pp=16, ep=8, etp=1, last_stage_layers=1, rollout_tp=32, recipe="verl-h20-32"),
+    "verl-h20-64": Plan(64, 8, 96, tp=1, pp=16, ep=32, etp=1, last_stage_layers=1, rollout_tp=32, recipe="verl-h20-64"),
+}

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.mcore.config import moe_layer_freq
-from converters.mcore.to_hf import hf_tensor_shapes
+from converters.mcore.params import hf_tensor_shapes
 
 GB = 1e9
 PRESETS = {  # the facts a plan needs from config.json, for models named instead of given as a dir

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from converters.jobs.errors import ConvertError
+from converters.mcore.params import checkpoint_spec, te_keys_map
 
 # Logits are compared in float32; the two implementations order their reductions differently.
 ATOL = 1e-4
@@ -47,10 +48,6 @@ BATCH = 2
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 # megatron-core 0.19 asks for this when q_lora_rank is null (seen on 2x H200; tests/data/te_keys/)
 Q_NORM_WITHOUT_SOURCE = ".self_attention.linear_q_proj.layer_norm_weight"
-SPEC_MARKERS = {
-    "te": ("self_attention.linear_kv_up_proj.layer_norm_weight",),
-    "local": ("self_attention.kv_layernorm.weight",),
-}
 
 
 class CheckError(ConvertError):
@@ -117,17 +114,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             found[name] = None
     return found
-
-
-def te_keys_map(dense: bool) -> dict[str, str]:
-    """Local-spec module names -> the TE spec's fused names (Megatron's sharded_state_dict_keys_map)."""
-    mapping = {
-        "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
-        "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
-    }
-    if dense:
-        mapping["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
-    return mapping
 
 
 def build_model(config: dict, tp: int, pp: int, ep: int, spec: str, backend: str = "cpu"):
@@ -206,14 +192,6 @@ def stored_keys(release: Path) -> dict[str, list[int] | None]:
 
     metadata = FileSystemReader(str(release)).read_metadata().state_dict_metadata
     return {key: list(item.size) if isinstance(item, TensorStorageMetadata) else None for key, item in metadata.items()}
-
-
-def checkpoint_spec(stored: dict) -> str | None:
-    """Which spec's names a checkpoint uses (te, local), from its fused or unfused attention norms."""
-    for spec, markers in SPEC_MARKERS.items():
-        if any(key.endswith(marker) for key in stored for marker in markers):
-            return spec
-    return None
 
 
 def coverage(asked: dict, stored: dict) -> tuple[list[str], list[str]]:

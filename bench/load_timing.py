@@ -60,7 +60,7 @@ def model_config(layers: int, experts: int, tiny: bool = False) -> dict:
 def write_hf_checkpoint(dst: Path, config: dict, shard_bytes: int = 2 * 10**9) -> int:
     """Random BF16 weights (float32 expert bias) in safetensors shards with an index; returns bytes."""
     from converters.hf.safetensors_io import DTYPE_NAMES, OutputTensor, encode_header, order_for_writing, tensor_bytes
-    from converters.mcore.to_hf import hf_tensor_shapes
+    from converters.mcore.params import hf_tensor_shapes
     from toolkit.safetensors_index import INDEX_NAME
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -155,8 +155,8 @@ def build_model(config: dict, use_te: bool, cpu: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    from converters.mcore.check import te_keys_map
     from converters.mcore.config import gpt_model_kwargs, mcore_config_kwargs
+    from converters.mcore.params import te_keys_map
     from converters.mcore.shim import local_core_attention
 
     kwargs = mcore_config_kwargs(config)

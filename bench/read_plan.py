@@ -30,8 +30,9 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from converters.mcore.dist_ckpt import plan_pieces
 from converters.mcore.mapping import Chunk, MappingPlan, McoreTensor, plan_mapping
+from converters.mcore.params import hf_tensor_shapes
 from converters.mcore.read_cost import ClusterRead, ParallelLayout, cluster_read, detect_alignment
-from converters.mcore.to_hf import detect_spec, hf_tensor_shapes
+from converters.mcore.to_hf import detect_spec
 from converters.mcore.tp_layout import align_mapping
 from converters.testing import deepseek_v3_config
 

@@ -117,7 +117,7 @@ def _check_hf_index(preflight: Preflight, model: Path, config: dict, from_dist_c
     """The weight sync into vLLM takes the HF tensor names from model.safetensors.index.json (Megatron-Bridge
     reads names only, no tensor data, when the actor loads a dist checkpoint); a name missing there is
     skipped with a warning and vLLM keeps its dummy weights for it. Shards are needed only without one."""
-    from converters.mcore.to_hf import hf_tensor_shapes
+    from converters.mcore.params import hf_tensor_shapes
 
     index = model / "model.safetensors.index.json"
     shards = sorted(model.glob("*.safetensors"))
@@ -288,8 +288,9 @@ def _check_read_volume(preflight: Preflight, metadata, config: dict, plan: Plan)
     if metadata is None:
         return
     from converters.mcore.mapping import plan_mapping
+    from converters.mcore.params import hf_tensor_shapes
     from converters.mcore.read_cost import ParallelLayout, cluster_read, detect_alignment
-    from converters.mcore.to_hf import detect_spec, hf_tensor_shapes
+    from converters.mcore.to_hf import detect_spec
     from toolkit.errors import ConvertError
 
     tp, etp = detect_alignment(metadata)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.mcore.config import moe_layer_freq
-from converters.mcore.to_hf import hf_tensor_shapes
+from converters.mcore.params import hf_tensor_shapes
 from toolkit.recipes import RECIPES, Plan
 
 GB = 1e9

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from converters.mcore.params import checkpoint_spec, te_keys_map
 from converters.mcore.world import NCCL_SAFE_ENV, free_port, init_layout, init_world
 from toolkit.errors import ConvertError
 
@@ -45,10 +46,6 @@ SEQUENCE = 16  # divisible by TP (sequence parallel splits it)
 BATCH = 2
 # megatron-core 0.19 asks for this when q_lora_rank is null (seen on 2x H200; tests/data/te_keys/)
 Q_NORM_WITHOUT_SOURCE = ".self_attention.linear_q_proj.layer_norm_weight"
-SPEC_MARKERS = {
-    "te": ("self_attention.linear_kv_up_proj.layer_norm_weight",),
-    "local": ("self_attention.kv_layernorm.weight",),
-}
 
 
 class CheckError(ConvertError):
@@ -109,17 +106,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             found[name] = None
     return found
-
-
-def te_keys_map(dense: bool) -> dict[str, str]:
-    """Local-spec module names -> the TE spec's fused names (Megatron's sharded_state_dict_keys_map)."""
-    mapping = {
-        "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
-        "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
-    }
-    if dense:
-        mapping["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
-    return mapping
 
 
 def build_model(config: dict, tp: int, pp: int, ep: int, spec: str, backend: str = "cpu"):
@@ -198,14 +184,6 @@ def stored_keys(release: Path) -> dict[str, list[int] | None]:
 
     metadata = FileSystemReader(str(release)).read_metadata().state_dict_metadata
     return {key: list(item.size) if isinstance(item, TensorStorageMetadata) else None for key, item in metadata.items()}
-
-
-def checkpoint_spec(stored: dict) -> str | None:
-    """Which spec's names a checkpoint uses (te, local), from its fused or unfused attention norms."""
-    for spec, markers in SPEC_MARKERS.items():
-        if any(key.endswith(marker) for key in stored for marker in markers):
-            return spec
-    return None
 
 
 def coverage(asked: dict, stored: dict) -> tuple[list[str], list[str]]:

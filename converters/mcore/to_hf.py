@@ -1,6 +1,6 @@
 """`convert mcore-hf`: a Megatron-Core torch_dist checkpoint (ours, or verl's actor) back to HF safetensors.
 
-The same mapping table runs backwards: every HF tensor is a region of one mcore tensor. Regions are
+The same model description (converters/mcore/params.py) runs backwards: every HF tensor is a region of one mcore tensor. Regions are
 read from the stored DCP chunks that overlap them, one stored chunk at a time, and each HF shard is
 streamed out tensor by tensor, so memory stays near the largest tensor.
 """
@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
 from converters.hf.safetensors_io import DTYPE_NAMES, OutputTensor, encode_header, order_for_writing, tensor_bytes
 from converters.jobs.progress import Progress
-from converters.mcore.config import moe_layer_freq
-from converters.mcore.mapping import MTP_DUPLICATES, plan_mapping
+from converters.mcore.mapping import plan_mapping
+from converters.mcore.params import MTP_PARAMS, SPEC_MARKERS, checkpoint_spec, hf_tensor_shapes
 from converters.preflight import check_free_space, check_paths, check_readable, read_config
 from toolkit.errors import ConvertError
 from toolkit.hf_config import ConfigEdit
@@ -30,53 +30,6 @@ from toolkit.safetensors_index import INDEX_NAME
 
 SHARD_BYTES = 5 * 1000**3
 _SKIP_FROM_CONFIG_DIR = {INDEX_NAME, "config.json"}
-
-
-def hf_tensor_shapes(config: dict[str, Any], mtp_layers: int) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name and shape a DeepSeek-V3-class model of this config has."""
-    h, heads, vocab = config["hidden_size"], config["num_attention_heads"], config["vocab_size"]
-    nope, rope, v = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
-    q_lora, kv_lora = config.get("q_lora_rank"), config["kv_lora_rank"]
-    moe_inter, experts = config.get("moe_intermediate_size"), config.get("n_routed_experts") or 0
-    layers = config["num_hidden_layers"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
-    if not config.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (vocab, h)
-    moe = moe_layer_freq(config) + [1] * mtp_layers
-    for i in range(layers + mtp_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if q_lora:
-            shapes[p + "self_attn.q_a_proj.weight"] = (q_lora, h)
-            shapes[p + "self_attn.q_a_layernorm.weight"] = (q_lora,)
-            shapes[p + "self_attn.q_b_proj.weight"] = (heads * (nope + rope), q_lora)
-        else:
-            shapes[p + "self_attn.q_proj.weight"] = (heads * (nope + rope), h)
-        shapes[p + "self_attn.kv_a_proj_with_mqa.weight"] = (kv_lora + rope, h)
-        shapes[p + "self_attn.kv_a_layernorm.weight"] = (kv_lora,)
-        shapes[p + "self_attn.kv_b_proj.weight"] = (heads * (nope + v), kv_lora)
-        shapes[p + "self_attn.o_proj.weight"] = (h, heads * v)
-        if not moe[i]:
-            inter = config["intermediate_size"]
-            shapes.update({p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h), p + "mlp.down_proj.weight": (h, inter)})
-            continue
-        shapes[p + "mlp.gate.weight"] = (experts, h)
-        if config.get("topk_method", "noaux_tc" if config.get("model_type") != "deepseek_v2" else "greedy") == "noaux_tc":
-            shapes[p + "mlp.gate.e_score_correction_bias"] = (experts,)
-        shared = (config.get("n_shared_experts") or 0) * moe_inter
-        if shared:
-            for proj in ("gate_proj", "up_proj"):
-                shapes[f"{p}mlp.shared_experts.{proj}.weight"] = (shared, h)
-            shapes[p + "mlp.shared_experts.down_proj.weight"] = (h, shared)
-        for e in range(experts):
-            shapes[f"{p}mlp.experts.{e}.gate_proj.weight"] = (moe_inter, h)
-            shapes[f"{p}mlp.experts.{e}.up_proj.weight"] = (moe_inter, h)
-            shapes[f"{p}mlp.experts.{e}.down_proj.weight"] = (h, moe_inter)
-        if i >= layers:
-            shapes.update({p + "enorm.weight": (h,), p + "hnorm.weight": (h,), p + "eh_proj.weight": (h, 2 * h)})
-            shapes.update({p + "shared_head.norm.weight": (h,), p + "embed_tokens.weight": (vocab, h), p + "shared_head.head.weight": (vocab, h)})
-    return shapes
 
 
 @dataclass(frozen=True)
@@ -135,11 +88,12 @@ class DistCheckpoint:
 
 
 def detect_spec(keys: set[str]) -> str:
-    if any(key.endswith("self_attention.linear_kv_up_proj.layer_norm_weight") for key in keys):
-        return "te"
-    if any(key.endswith("self_attention.kv_layernorm.weight") for key in keys):
-        return "local"
-    raise ConvertError("the checkpoint has neither TE nor local-spec MLA keys (linear_kv_up_proj.layer_norm_weight / kv_layernorm.weight)")
+    """The spec (te, local) whose names a checkpoint uses; ConvertError when it has neither's."""
+    spec = checkpoint_spec(keys)
+    if spec is None:
+        names = " / ".join(marker.removeprefix("self_attention.") for markers in SPEC_MARKERS.values() for marker in markers)
+        raise ConvertError(f"the checkpoint has neither TE nor local-spec MLA keys ({names})")
+    return spec
 
 
 def hf_regions(config: dict[str, Any], keys: set[str]) -> dict[str, list[Region]]:
@@ -156,8 +110,8 @@ def hf_regions(config: dict[str, Any], keys: set[str]) -> dict[str, list[Region]
     layers = config["num_hidden_layers"]
     for k in range(mtp_layers):  # the MTP layer's copies of the embedding and the head
         prefix = f"model.layers.{layers + k}."
-        regions[prefix + MTP_DUPLICATES[0]] = regions["model.embed_tokens.weight"]
-        regions[prefix + MTP_DUPLICATES[1]] = regions.get("lm_head.weight", regions["model.embed_tokens.weight"])
+        for param in (param for param in MTP_PARAMS if param.copy_of):
+            regions[prefix + param.hf[0]] = next(regions[name] for name in param.copy_of if name in regions)
     return {name: regions[name] for name in shapes}
 
 

@@ -29,42 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from converters.mcore.mapping import Chunk, MappingPlan, McoreTensor
+from converters.mcore.params import COLUMN, REPLICATED, ROW, sharding_table
 from toolkit.errors import ConvertError
 
-COLUMN, ROW, REPLICATED = "column", "row", "replicated"
-
-# mcore key (after its layer prefix) -> how TP (ETP for `mlp.experts.experts.`) splits it
-SHARDING: dict[str, str] = {
-    "embedding.word_embeddings.weight": COLUMN,  # vocab-parallel
-    "output_layer.weight": COLUMN,
-    "self_attention.linear_q_proj.weight": COLUMN,
-    "self_attention.linear_q_down_proj.weight": COLUMN,  # duplicated in the unpatched TE spec: see above
-    "self_attention.linear_kv_down_proj.weight": COLUMN,
-    "self_attention.linear_q_up_proj.weight": COLUMN,
-    "self_attention.linear_kv_up_proj.weight": COLUMN,
-    "self_attention.linear_proj.weight": ROW,
-    "mlp.linear_fc1.weight": COLUMN,
-    "mlp.linear_fc2.weight": ROW,
-    "mlp.shared_experts.linear_fc1.weight": COLUMN,
-    "mlp.shared_experts.linear_fc2.weight": ROW,
-    "mlp.experts.experts.linear_fc1.weight": COLUMN,
-    "mlp.experts.experts.linear_fc2.weight": ROW,
-    "eh_proj.weight": COLUMN,
-    "input_layernorm.weight": REPLICATED,
-    "pre_mlp_layernorm.weight": REPLICATED,
-    "self_attention.linear_q_up_proj.layer_norm_weight": REPLICATED,
-    "self_attention.linear_kv_up_proj.layer_norm_weight": REPLICATED,
-    "self_attention.q_layernorm.weight": REPLICATED,
-    "self_attention.kv_layernorm.weight": REPLICATED,
-    "mlp.linear_fc1.layer_norm_weight": REPLICATED,
-    "mlp.router.weight": REPLICATED,
-    "mlp.router.expert_bias": REPLICATED,
-    "decoder.final_layernorm.weight": REPLICATED,
-    "enorm.weight": REPLICATED,
-    "hnorm.weight": REPLICATED,
-    "final_layernorm.weight": REPLICATED,
-}
-EXPERT_PREFIX = "mlp.experts.experts."
+# mcore key (after its layer prefix) -> how TP splits it, and the keys ETP splits instead (routed experts):
+# the TP facts of the model description (converters/mcore/params.py)
+SHARDING: dict[str, str] = {name: kind for name, (kind, _) in sharding_table().items()}
+EXPERT_SPLIT: frozenset[str] = frozenset(name for name, (_, expert) in sharding_table().items() if expert)
 # a row-parallel tensor's full-width rows are read once per unit of at most this size and cut into
 # its column slices (a unit waits in a small cache until its slices are made)
 UNIT_BYTES = 64 * 1024 * 1024
@@ -89,8 +60,8 @@ def sharding_of(key: str, ndim: int) -> Sharding:
         if key == name or key.endswith("." + name):
             if kind == REPLICATED:
                 return Sharding(kind, None, False)
-            return Sharding(kind, ndim - 2 if kind == COLUMN else ndim - 1, name.startswith(EXPERT_PREFIX))
-    raise LayoutError(f"{key}: no tensor-parallel rule for this tensor (converters/mcore/tp_layout.py SHARDING)")
+            return Sharding(kind, ndim - 2 if kind == COLUMN else ndim - 1, name in EXPERT_SPLIT)
+    raise LayoutError(f"{key}: no tensor-parallel rule for this tensor (converters/mcore/params.py, the model description)")
 
 
 def split_points(start: int, length: int, parts: int) -> list[int]:

@@ -140,7 +140,7 @@ def test_the_weight_sync_needs_every_name_in_the_index(tmp_path):
     from converters.testing import TINY_DEEPSEEK_V3, deepseek_v3_config
 
     config = {**deepseek_v3_config(), **TINY_DEEPSEEK_V3, "num_nextn_predict_layers": 0}
-    from converters.mcore.to_hf import hf_tensor_shapes
+    from converters.mcore.params import hf_tensor_shapes
 
     names = sorted(hf_tensor_shapes(config, 0))
     preflight = Preflight()

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from converters.hf.checkpoint import SCALE_SUFFIX
 from converters.hf.safetensors_io import (
     INDEX_NAME,
     OutputTensor,
@@ -21,16 +22,13 @@ from converters.hf.safetensors_io import (
     order_for_writing,
     read_header,
 )
-from converters.jobs.claim import Destination
 from converters.jobs.options import JobOptions
-from converters.jobs.partition import balance
 from converters.preflight import ConvertError, read_config
 from kernels.fp8 import DEFAULT_BLOCK, scale_shape
 from patcher.hf_config import ConfigEdit, ConfigFormatError
 
 STATE_DIR = ".fp8-bf16"
 FINISHED_FILE = ".fp8-bf16-source.json"  # kept: the identity of a finished output
-SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SKIP_DIRS = {".git", ".cache", STATE_DIR}
 
@@ -88,16 +86,6 @@ class CastPlan:
     copies: list[Path]  # other files of the source, relative to it, copied as they are
     options: CastOptions
     identity: dict[str, object] = field(default_factory=dict)
-
-    def my_shards(self) -> list[ShardJob]:
-        """This machine's part under --shard I/N."""
-        owned = balance([shard.output_size for shard in self.shards], self.options.shard_count)
-        return [self.shards[i] for i in owned[self.options.shard_index]]
-
-    def destination(self) -> Destination:
-        return self.options.destination(self.dst, self.dst / STATE_DIR, self.identity)
-
-
 
 
 def layer_index(name: str) -> int | None:

@@ -146,12 +146,17 @@ def _commit(target: AtomicFile, shard: ShardJob, busy: dict[str, float]) -> None
 
 
 class ShardWriter(ItemWriter):
-    """`convert fp8-bf16`'s items: one shard's fsync and rename overlap the next shard's conversion."""
+    """`convert fp8-bf16`'s items: in one process, one shard's fsync and rename overlap the next shard's conversion.
+
+    Worker processes (--workers) commit each shard before the next, as they always have: no extra thread
+    to stop when a signal ends the worker.
+    """
 
     def __init__(self, plan: CastPlan, device: torch.device) -> None:
         self.plan = plan
         self.device = device
-        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp8-bf16-fsync")
+        overlap = plan.options.workers <= 1
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp8-bf16-fsync") if overlap else None
         self.landing: Future | None = None
         self.seconds: dict[str, float] = {}
 
@@ -164,10 +169,11 @@ class ShardWriter(ItemWriter):
             self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     def close(self) -> None:
-        self.committer.shutdown(wait=True)
+        self.abandon()
         if self.landing is not None:
             self.landing.result()
 
     def abandon(self) -> None:
-        self.committer.shutdown(wait=True)
+        if self.committer is not None:
+            self.committer.shutdown(wait=True)
 

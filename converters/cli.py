@@ -38,6 +38,16 @@ for, so that each rank reads only its own bytes at load.
 """
 
 
+MCORE_HF_HELP = """\
+Export a Megatron-Core torch_dist checkpoint of a DeepSeek-V3-class model to HF safetensors shards
+with an index; config.json and tokenizer files come from --hf-config. Tensors keep their stored
+dtype; memory stays near the largest tensor.
+
+Safe to re-run: shards are written to DST/.mcore-hf/ and renamed when complete; after a kill the
+same command skips finished shards and the result is byte-identical. The index is written last,
+then .mcore-hf-source.json: a re-run on a finished export does nothing.
+"""
+
 
 def exit_codes(refused: str, part_done: str | None = None) -> str:
     """The exit-code table of a command's --help (README: "Exit codes")."""
@@ -160,10 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser(
         "mcore-hf",
         help="Megatron-Core torch_dist checkpoint (ours or verl's actor) -> HF safetensors",
-        description="Export a Megatron-Core torch_dist checkpoint of a DeepSeek-V3-class model to HF "
-        "safetensors shards with an index; config.json and tokenizer files come from --hf-config. "
-        "Tensors keep their stored dtype; memory stays near the largest tensor.",
-        epilog=exit_codes("bad input; the message names the file and tensor") + "\nexample:\n"
+        description=MCORE_HF_HELP,
+        epilog=exit_codes("bad input (the message names the file and tensor) or unsafe request (also: DST is "
+                          "already being written)") + "\nexample:\n"
         "  convert mcore-hf --src ckpt/global_step_100/actor --hf-config /models/DeepSeek-V3-0324 --dst /models/step100-hf\n"
         "  convert mcore-hf --src runs/grpo/checkpoints --hf-config model/ --dst step-latest-hf   (the latest saved step)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -172,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a torch_dist dir (.metadata), our hf-mcore output, verl's checkpoints dir (the latest step "
                         "by latest_checkpointed_iteration.txt), or one of its global_step_N or global_step_N/actor dirs")
     export.add_argument("--hf-config", type=Path, required=True, help="HF dir whose config.json and tokenizer describe the model")
-    export.add_argument("--dst", type=Path, required=True, help="new output dir")
-    _output_flags(export, "write into a non-empty DST")
+    export.add_argument("--dst", type=Path, required=True, help="output dir: new, empty, or an interrupted export of the same command")
+    export.add_argument("--workers", type=_positive, default=1, help="processes writing shards in parallel")
+    _output_flags(export)
     data = _data_command(
         commands, "math-lighteval",
         "MATH-lighteval (parquet, JSON/JSONL, saved datasets dir) -> verl train.parquet / test.parquet",
@@ -252,9 +262,11 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
 
 
 def run_mcore_hf(args: argparse.Namespace) -> int:
+    from converters.jobs.options import JobOptions
     from converters.mcore.to_hf import export_command
 
-    return export_command(args.src, args.hf_config, args.dst, args.overwrite, as_json=args.json, quiet=args.quiet)
+    options = JobOptions(workers=args.workers, overwrite=args.overwrite)
+    return export_command(args.src, args.hf_config, args.dst, options, as_json=args.json, quiet=args.quiet)
 
 
 def run_math_lighteval(args: argparse.Namespace) -> int:

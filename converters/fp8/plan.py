@@ -10,10 +10,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from converters.hf.checkpoint import SCALE_SUFFIX
 from converters.hf.safetensors_io import OutputTensor, encode_header, order_for_writing
-from converters.jobs.claim import Destination
 from converters.jobs.options import JobOptions
-from converters.jobs.partition import balance
 from converters.preflight import read_config
 from kernels.fp8 import DEFAULT_BLOCK, scale_shape
 from toolkit.errors import ConvertError
@@ -22,7 +21,6 @@ from toolkit.safetensors_index import INDEX_NAME, SafetensorsError, ShardHeader,
 
 STATE_DIR = ".fp8-bf16"
 FINISHED_FILE = ".fp8-bf16-source.json"  # kept: the identity of a finished output
-SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SKIP_DIRS = {".git", ".cache", STATE_DIR}
 
@@ -80,16 +78,6 @@ class CastPlan:
     copies: list[Path]  # other files of the source, relative to it, copied as they are
     options: CastOptions
     identity: dict[str, object] = field(default_factory=dict)
-
-    def my_shards(self) -> list[ShardJob]:
-        """This machine's part under --shard I/N."""
-        owned = balance([shard.output_size for shard in self.shards], self.options.shard_count)
-        return [self.shards[i] for i in owned[self.options.shard_index]]
-
-    def destination(self) -> Destination:
-        return self.options.destination(self.dst, self.dst / STATE_DIR, self.identity)
-
-
 
 
 def layer_index(name: str) -> int | None:

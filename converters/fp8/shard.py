@@ -7,9 +7,7 @@ and is renamed into place by its commit, which may run in another thread while t
 
 from __future__ import annotations
 
-import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,37 +18,13 @@ import torch
 
 from atomicio import AtomicFile
 from converters.fp8.plan import STATE_DIR, CastError, CastPlan, ShardJob, TensorJob
+from converters.hf.checkpoint import dequantise
 from converters.hf.safetensors_io import read_tensor, tensor_bytes
+from converters.jobs.claim import temp_path
+from converters.jobs.lifecycle import ItemWriter, Report
 from converters.jobs.throttle import Throttle
-from kernels.fp8 import FP8FormatError, dequant_fp8_blocks_batched
+from kernels.fp8 import FP8FormatError
 from toolkit.safetensors_index import TensorInfo
-
-
-def remove_dead_temps(state_dir: Path) -> None:
-    for stale in state_dir.glob("*.tmp"):
-        if _tmp_owner_dead(stale):
-            stale.unlink(missing_ok=True)
-
-
-def _tmp_name(shard: str) -> str:
-    """Temp names carry host and pid, so parts on other machines never delete each other's work."""
-    return f"{shard}~{socket.gethostname()}~{os.getpid()}.tmp"
-
-
-def _tmp_owner_dead(path: Path) -> bool:
-    """A shard temp file of this host whose process is gone; anything else is left alone."""
-    try:
-        _, host, pid = path.name[: -len(".tmp")].split("~")
-        if host != socket.gethostname():
-            return False
-        os.kill(int(pid), 0)
-    except ValueError:
-        return False
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _batches(shard: ShardJob, limit: int) -> Iterator[list[TensorJob]]:
@@ -92,7 +66,7 @@ def convert_shard(
     shard; the returned future says when (and whether) the shard landed. Also returns each stage's
     busy seconds: the stage whose time is close to the total is the bottleneck.
     """
-    target = AtomicFile(plan.dst / shard.name, tmp_path=plan.dst / STATE_DIR / _tmp_name(shard.name))
+    target = AtomicFile(plan.dst / shard.name, tmp_path=temp_path(plan.dst / STATE_DIR, shard.name))
     busy = {"read": 0.0, "dequant": 0.0, "write": 0.0, "fsync": 0.0}
     errors: list[BaseException] = []
     batches: queue.Queue = queue.Queue()
@@ -113,32 +87,22 @@ def convert_shard(
         busy["read"] += time.perf_counter() - start
         return items
 
-    def dequantise(items: list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]) -> list[tuple[TensorJob, torch.Tensor]]:
+    def dequantise_batch(items: list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]) -> list[tuple[TensorJob, torch.Tensor]]:
         start = time.perf_counter()
         fp8 = [(job, weight, scale) for job, weight, scale in items if scale is not None]
         results = {}
         if fp8:
             try:
-                outs = dequant_fp8_blocks_batched(
-                    [weight.to(device, non_blocking=True) for _, weight, _ in fp8],
-                    [scale.to(device, non_blocking=True) for _, _, scale in fp8],
-                    plan.block,
-                )
+                outs = dequantise([weight for _, weight, _ in fp8], [scale for _, _, scale in fp8], plan.block, device)
             except FP8FormatError as exc:
                 raise CastError(f"{shard.name}: {exc}") from exc
-            if pinned:
-                host = [torch.empty(out.shape, dtype=out.dtype, pin_memory=True) for out in outs]
-                for target, out in zip(host, outs, strict=True):
-                    target.copy_(out, non_blocking=True)
-                torch.cuda.current_stream(device).synchronize()
-                outs = host
-            results = {job.output.name: out.cpu() for (job, _, _), out in zip(fp8, outs, strict=True)}
+            results = {job.output.name: out for (job, _, _), out in zip(fp8, outs, strict=True)}
         busy["dequant"] += time.perf_counter() - start
         return [(job, results.get(job.output.name, weight)) for job, weight, _ in items]
 
     threads = [
         threading.Thread(target=_produce, args=(load, batches, loaded, errors), daemon=True),
-        threading.Thread(target=_produce, args=(dequantise, loaded, converted, errors), daemon=True),
+        threading.Thread(target=_produce, args=(dequantise_batch, loaded, converted, errors), daemon=True),
     ]
     try:
         target.write(shard.header)
@@ -177,4 +141,36 @@ def _commit(target: AtomicFile, shard: ShardJob, busy: dict[str, float]) -> None
     target.commit(expected_size=shard.output_size)
     busy["fsync"] += time.perf_counter() - start
 
+
+class ShardWriter(ItemWriter):
+    """`convert fp8-bf16`'s items: in one process, one shard's fsync and rename overlap the next shard's conversion.
+
+    Worker processes (--workers) commit each shard before the next, as they always have: no extra thread
+    to stop when a signal ends the worker.
+    """
+
+    def __init__(self, plan: CastPlan, device: torch.device) -> None:
+        self.plan = plan
+        self.device = device
+        overlap = plan.options.workers <= 1
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp8-bf16-fsync") if overlap else None
+        self.landing: Future | None = None
+        self.seconds: dict[str, float] = {}
+
+    def write(self, index: int, progress: Report) -> None:
+        busy, future = convert_shard(self.plan, self.plan.shards[index], self.device, progress, self.committer)
+        if self.landing is not None:
+            self.landing.result()
+        self.landing = future
+        for stage, seconds in busy.items():
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def close(self) -> None:
+        self.abandon()
+        if self.landing is not None:
+            self.landing.result()
+
+    def abandon(self) -> None:
+        if self.committer is not None:
+            self.committer.shutdown(wait=True)
 

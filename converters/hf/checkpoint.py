@@ -1,4 +1,8 @@
-"""A HF checkpoint opened lazily: one tensor at a time by name, FP8 weights dequantised on the fly."""
+"""A HF checkpoint opened lazily: one tensor at a time by name, FP8 weights dequantised on the fly.
+
+`dequantise` is the one FP8 path of the converters: `convert fp8-bf16` (in batches, per shard) and
+this reader (per tensor, for `convert hf-mcore`) both hand it the e4m3 bytes and scale_inv they read.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch
 from converters.hf.buffers import BufferPool
 from converters.hf.safetensors_io import DTYPES, read_tensor
 from converters.preflight import read_config
-from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks
+from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks_batched
 from toolkit.errors import ConvertError
 from toolkit.safetensors_index import SafetensorsError, TensorInfo, load_index, read_header
 
@@ -21,6 +25,26 @@ def row_range(info: TensorInfo, start: int, stop: int) -> TensorInfo:
     """The TensorInfo of rows [start, stop) of a row-major tensor."""
     row_bytes = info.nbytes // info.shape[0]
     return TensorInfo(info.name, info.dtype, (stop - start, *info.shape[1:]), info.start + start * row_bytes, info.start + stop * row_bytes)
+
+
+def dequantise(weights: list[torch.Tensor], scales: list[torch.Tensor], block: tuple[int, int], device: torch.device,
+               outs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """BF16 host tensors from e4m3 host weights and their float32 scale_inv, dequantised on `device` as one batch.
+
+    On a GPU one kernel launch serves the batch and the results come back into `outs` (else into
+    page-locked buffers) asynchronously, with one synchronisation; on the CPU they are made in
+    `outs` (else new tensors). Raises kernels.fp8.FP8FormatError (a ValueError) for a bad pair;
+    the caller names the file and tensor.
+    """
+    if device.type == "cpu":
+        return dequant_fp8_blocks_batched(weights, scales, block, outs)
+    on_device = dequant_fp8_blocks_batched([weight.to(device, non_blocking=True) for weight in weights],
+                                           [scale.to(device, non_blocking=True) for scale in scales], block)
+    hosts = outs if outs is not None else [torch.empty(out.shape, dtype=out.dtype, pin_memory=True) for out in on_device]
+    for host, out in zip(hosts, on_device, strict=True):
+        host.copy_(out, non_blocking=True)
+    torch.cuda.current_stream(device).synchronize()
+    return hosts
 
 
 class SourceError(ConvertError, ValueError):
@@ -84,14 +108,9 @@ class HFCheckpoint:
                 raise SourceError(f"{name}: row range {rows} does not start on a {self.block[0]}-row block")
             scale_info = row_range(scale_info, rows[0] // self.block[0], -(-rows[1] // self.block[0]))
         scale = read_tensor(self.path / self.weight_map[scale_name], scale_info)
-        out = None if buffers is None else buffers.take(info.numel * 2).view(torch.bfloat16).view(info.shape)
+        outs = None if buffers is None else [buffers.take(info.numel * 2).view(torch.bfloat16).view(info.shape)]
         try:
-            if self.device.type == "cpu":
-                result = dequant_fp8_blocks(tensor, scale, self.block, out)
-            else:
-                on_device = dequant_fp8_blocks(tensor.to(self.device, non_blocking=True), scale.to(self.device), self.block)
-                result = on_device.cpu() if out is None else out.copy_(on_device, non_blocking=True)
-                torch.cuda.current_stream(self.device).synchronize()
+            [result] = dequantise([tensor], [scale], self.block, self.device, outs)
         except ValueError as exc:
             raise SourceError(f"{path}: {name}: {exc}") from exc
         if buffers is not None:

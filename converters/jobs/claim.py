@@ -4,6 +4,8 @@
 state dir, takes this part's lock (a second identical run is refused and told who holds it), and
 records the conversion. Other `--shard` parts of the same conversion take other locks and run
 alongside; a part with another N is refused, since the parts would not cover the work between them.
+Unfinished files live in the state dir under names that carry host and pid (`temp_path`), so a
+re-run removes those of dead processes of its own host and never another machine's work.
 """
 
 from __future__ import annotations
@@ -138,3 +140,30 @@ def _differences(recorded: object, wanted: dict[str, Any]) -> str:
     if "shards" in keys:
         shown.append("the source files differ (size or modification time)")
     return "; ".join(shown)
+
+
+def temp_path(state_dir: Path, name: str) -> Path:
+    """Where output `name` is written before it is renamed into place: host and pid in the name."""
+    return state_dir / f"{name}~{socket.gethostname()}~{os.getpid()}.tmp"
+
+
+def remove_dead_temps(state_dir: Path) -> None:
+    """Remove the temp files of this host's processes that are gone; anything else is left alone."""
+    for stale in state_dir.glob("*.tmp"):
+        if _temp_owner_dead(stale):
+            stale.unlink(missing_ok=True)
+
+
+def _temp_owner_dead(path: Path) -> bool:
+    try:
+        _, host, pid = path.name[: -len(".tmp")].split("~")
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ValueError:
+        return False
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

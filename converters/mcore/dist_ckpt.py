@@ -240,11 +240,10 @@ def bin_done(release: Path, index: int) -> bool:
 
 
 def forget_bins(release: Path, bins: int) -> None:
-    """Starting over: no bin, `.metadata` or finished mark already there counts as this conversion's."""
+    """Starting over: no bin or `.metadata` already there counts as this conversion's."""
     for index in range(bins):
         _results_path(release, index).unlink(missing_ok=True)
-    for name in (".metadata", DONE_FILE):
-        (release / name).unlink(missing_ok=True)
+    (release / ".metadata").unlink(missing_ok=True)
 
 
 class BinWriter:
@@ -269,10 +268,20 @@ class BinWriter:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self.committer.shutdown(wait=True)
         if exc_info[0] is None:
-            for commit in self.commits:
-                commit.result()  # raises a failed fsync or done-mark
+            self.close()
+        else:
+            self.abandon()
+
+    def close(self) -> None:
+        """Every bin written is on disk with its done-mark; raises a failed fsync or done-mark."""
+        self.committer.shutdown(wait=True)
+        for commit in self.commits:
+            commit.result()
+
+    def abandon(self) -> None:
+        """After a failure: wait for the committer, raising nothing over the first error."""
+        self.committer.shutdown(wait=True)
 
     def write(self, index: int, pieces: list[Piece], make_chunk: Callable[[Chunk], torch.Tensor], progress=lambda n: None) -> None:
         writer = FileSystemWriter(str(self.release), single_file_per_rank=True, sync_files=False, thread_count=1, per_thread_copy_ahead=0)
@@ -322,7 +331,10 @@ def _write_failure(path: Path, nbytes: int, exc: RuntimeError) -> Exception:
 
 
 def finish_checkpoint(out: Path, metadata: Metadata, bins: int, identity: str) -> Path:
-    """Write `.metadata` from every bin's results, then the files megatron-core reads; returns release/."""
+    """Write `.metadata` from every bin's results, then the files megatron-core reads; returns release/.
+
+    The finished mark (DONE_FILE) and the removal of the state dir follow, by the job lifecycle.
+    """
     release = out / RELEASE_DIR
     results = [pickle.loads(_results_path(release, index).read_bytes()) for index in range(bins)]
     writer = FileSystemWriter(str(release), single_file_per_rank=True, sync_files=True)
@@ -335,16 +347,4 @@ def finish_checkpoint(out: Path, metadata: Metadata, bins: int, identity: str) -
     atomic_write_bytes(release / "common.pt", common.getvalue())
     atomic_write_bytes(release / "metadata.json", json.dumps(CHECKPOINT_METADATA).encode())
     atomic_write_bytes(out / TRACKER_FILE, b"release")
-    atomic_write_bytes(release / DONE_FILE, identity.encode())
-    for stale in (release / STATE_DIR).glob("*"):
-        stale.unlink()
-    (release / STATE_DIR).rmdir()
     return release
-
-
-def is_complete(out: Path, identity: str) -> bool:
-    """A finished conversion of the same source with the same options."""
-    release = out / RELEASE_DIR
-    done = release / DONE_FILE
-    return (release / ".metadata").is_file() and done.is_file() and done.read_text() == identity
-

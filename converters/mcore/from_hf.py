@@ -11,24 +11,23 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
 from converters.hf.buffers import BufferPool
 from converters.hf.checkpoint import HFCheckpoint, SourceError
-from converters.jobs.claim import Destination
+from converters.jobs.lifecycle import ItemWriter, Job, ProgressFactory, Report, run_job
 from converters.jobs.options import JobOptions
-from converters.jobs.partition import balance
-from converters.jobs.pool import run_workers
 from converters.jobs.progress import Progress
 from converters.mcore.config import ConfigError, mcore_config_kwargs
 from converters.mcore.dist_ckpt import (
     BIN_BYTES,
+    DONE_FILE,
     PREFETCH_BYTES,
     RELEASE_DIR,
     STATE_DIR,
@@ -37,13 +36,12 @@ from converters.mcore.dist_ckpt import (
     bin_done,
     finish_checkpoint,
     forget_bins,
-    is_complete,
     make_bins,
     plan_pieces,
 )
 from converters.mcore.mapping import Chunk, MappingError, check_shapes, plan_mapping
 from converters.mcore.tp_layout import BoxReader, LayoutError, align_mapping
-from converters.preflight import check_free_space, check_paths, resolve_device
+from converters.preflight import check_paths, resolve_device
 from toolkit.errors import ConvertError
 
 
@@ -66,23 +64,76 @@ class McoreOptions(JobOptions):
 
 
 @dataclass
-class McorePlan:
+class McorePlan(Job):
+    """The lifecycle's items are the bins; `.metadata` and the files megatron-core reads finish it."""
+
     src: Path
     dst: Path
     options: McoreOptions
     bins: list[list[Piece]]
     metadata: Metadata
-    identity: str
+    identity: dict[str, Any]
     tensors: int
     objects: int
     notes: list[str] = field(default_factory=list)
+    item_noun = "bin"
 
-    def my_bins(self) -> list[int]:
-        sizes = [sum(piece.nbytes for piece in pieces) for pieces in self.bins]
-        return balance(sizes, self.options.shard_count)[self.options.shard_index]
+    @property
+    def release(self) -> Path:
+        return self.dst / RELEASE_DIR
 
-    def destination(self) -> Destination:
-        return self.options.destination(self.dst, self.dst / RELEASE_DIR / STATE_DIR, json.loads(self.identity))
+    @property
+    def state_dir(self) -> Path:
+        return self.release / STATE_DIR
+
+    @property
+    def finished_mark(self) -> Path:
+        return self.release / DONE_FILE
+
+    def item_sizes(self) -> list[int]:
+        return [sum(piece.nbytes for piece in pieces) for pieces in self.bins]
+
+    def item_done(self, index: int) -> bool:
+        return bin_done(self.release, index)
+
+    def complete(self) -> bool:
+        return (self.release / ".metadata").is_file()  # the bins' done-marks go with the state dir
+
+    def open_writer(self, device: str) -> BinItems:
+        return BinItems(self, device)
+
+    def forget(self) -> None:
+        forget_bins(self.release, len(self.bins))
+
+    def finalize(self) -> None:
+        finish_checkpoint(self.dst, self.metadata, len(self.bins), json.dumps(self.identity, sort_keys=True))
+
+
+class BinItems(ItemWriter):
+    """One BinWriter and one chunk reader for all the bins this process writes."""
+
+    def __init__(self, plan: McorePlan, device: str) -> None:
+        self.plan = plan
+        readers = plan.options.readers or default_readers(device, plan.options.workers)
+        self.writer, self.make_chunk = _open(plan.src, plan.release, device, readers, plan.options.write_limit)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return self.writer.seconds
+
+    def write(self, index: int, progress: Report) -> None:
+        try:
+            self.writer.write(index, self.plan.bins[index], self.make_chunk, progress)
+        except ConvertError:
+            raise
+        except ValueError as exc:  # a tensor that does not fit its chunk: the message names it
+            raise ConvertError(str(exc)) from exc
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abandon(self) -> None:
+        self.writer.abandon()
 
 
 @dataclass
@@ -140,8 +191,7 @@ def plan_conversion(src: Path, dst: Path, options: McoreOptions) -> McorePlan:
     }
     if options.alignment is not None:  # only then: the global layout's identity (and files) stay as they were
         facts["align_tp_etp"] = list(options.alignment)
-    identity = json.dumps(facts, sort_keys=True)
-    return McorePlan(src, dst, options, make_bins(pieces, options.bin_bytes), metadata, identity, len(mapping.tensors),
+    return McorePlan(src, dst, options, make_bins(pieces, options.bin_bytes), metadata, facts, len(mapping.tensors),
                      len(mapping.objects), notes)
 
 
@@ -185,75 +235,24 @@ def _open(src: Path, release: Path, device: str, readers: int, rate: float | Non
     return BinWriter(release, readers, buffers.give, rate), _chunk_reader(source, buffers)
 
 
-def _write_bins(src: str, release: str, bins: list[tuple[int, list[Piece]]], device: str, readers: int, rate: float | None,
-                report) -> None:
-    """A worker process's share of the bins."""
-    writer, make_chunk = _open(Path(src), Path(release), device, readers, rate)
-    with writer:
-        for index, pieces in bins:
-            writer.write(index, pieces, make_chunk, report)
-
-
-def run_conversion(plan: McorePlan, progress_factory=None) -> McoreSummary:
+def run_conversion(plan: McorePlan, progress_factory: ProgressFactory | None = None) -> McoreSummary:
     """Write this part's pending bins (resuming), then `.metadata` and the small files once all are there."""
-    start = time.perf_counter()
-    release = plan.dst / RELEASE_DIR
-    summary = McoreSummary(dst=str(plan.dst), dist_checkpointing_path=str(release), tensors=plan.tensors, objects=plan.objects,
+    summary = McoreSummary(dst=str(plan.dst), dist_checkpointing_path=str(plan.release), tensors=plan.tensors, objects=plan.objects,
                            notes=list(plan.notes))
     if plan.options.alignment is not None:
         summary.layout = "aligned TP{} ETP{}".format(*plan.options.alignment)
-    if is_complete(plan.dst, plan.identity):
-        summary.bins_skipped = len(plan.my_bins())
-        summary.finalized = True
+    result = run_job(plan, progress_factory)
+    summary.bins_skipped, summary.finalized = result.skipped, result.finalized
+    if result.already_finished:
         summary.notes.append("already complete: nothing to do")
         return summary
-    destination = plan.destination()
-    destination.check()
-    starting_over = destination.starts_over()
-    pending = plan.my_bins() if starting_over else [i for i in plan.my_bins() if not bin_done(release, i)]
-    summary.bins_skipped = len(plan.my_bins()) - len(pending)
-    needed = sum(piece.nbytes for i in pending for piece in plan.bins[i])
-    check_free_space(plan.dst, needed, f"{len(pending)} bin(s)")
-    device = str(resolve_device(plan.options.device))
-    readers = summary.readers = plan.options.readers or default_readers(device, plan.options.workers)
-    with destination.claim():
-        if starting_over:
-            forget_bins(release, len(plan.bins))
-        _write_pending(plan, release, pending, device, readers, progress_factory, summary)
-        summary.bytes_out = needed
-        if all(bin_done(release, i) for i in range(len(plan.bins))):
-            finish_checkpoint(plan.dst, plan.metadata, len(plan.bins), plan.identity)
-            summary.finalized = True
-    summary.seconds = round(time.perf_counter() - start, 3)
+    sizes = plan.item_sizes()
+    summary.bins_written = len(result.written)
+    summary.bytes_out = sum(sizes[index] for index in result.written)
+    summary.stage_seconds = result.stage_seconds
+    summary.readers = plan.options.readers or default_readers(str(resolve_device(plan.options.device)), plan.options.workers)
+    summary.seconds = round(result.seconds, 3)
     return summary
-
-
-def _write_pending(plan: McorePlan, release: Path, pending: list[int], device: str, readers: int, progress_factory,
-                   summary: McoreSummary) -> None:
-    needed = sum(piece.nbytes for i in pending for piece in plan.bins[i])
-    progress = (progress_factory or (lambda total: lambda n: None))(needed)
-    try:
-        if plan.options.workers > 1 and len(pending) > 1:
-            _run_workers(plan, release, pending, device, readers, progress)
-        else:
-            writer, make_chunk = _open(plan.src, release, device, readers, plan.options.write_limit)
-            with writer:
-                for index in pending:
-                    writer.write(index, plan.bins[index], make_chunk, progress)
-            summary.stage_seconds = {stage: round(seconds, 3) for stage, seconds in writer.seconds.items()}
-    except (SourceError, ValueError) as exc:
-        raise ConvertError(str(exc)) from exc
-    summary.bins_written = len(pending)
-
-
-def _run_workers(plan: McorePlan, release: Path, pending: list[int], device: str, readers: int, progress) -> None:
-    workers = min(plan.options.workers, len(pending))
-    groups = balance([sum(piece.nbytes for piece in plan.bins[i]) for i in pending], workers)
-    assignment = [[(pending[i], plan.bins[pending[i]]) for i in group] for group in groups]
-    run_workers(_write_bins, [(str(plan.src), str(release), bins, device, readers, plan.options.write_limit) for bins in assignment],
-                progress,
-                [f"worker {w + 1} ({device}, {len(bins)} bin(s))" for w, bins in enumerate(assignment)])
-
 
 
 def mcore_command(src: Path, dst: Path, options: McoreOptions, as_json: bool, quiet: bool) -> int:

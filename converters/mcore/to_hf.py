@@ -2,14 +2,14 @@
 
 The same model description (converters/mcore/params.py) runs backwards: every HF tensor is a region of one mcore tensor. Regions are
 read from the stored DCP chunks that overlap them, one stored chunk at a time, and each HF shard is
-streamed out tensor by tensor, so memory stays near the largest tensor.
+streamed out tensor by tensor, so memory stays near the largest tensor. The shards are the items of
+the job lifecycle (`jobs.lifecycle`): claimed destination, resume after a kill, a finished mark.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,13 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 
 from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
 from converters.hf.safetensors_io import DTYPE_NAMES, OutputTensor, encode_header, order_for_writing, tensor_bytes
+from converters.jobs.claim import temp_path
+from converters.jobs.lifecycle import ItemWriter, Job, ProgressFactory, Report, run_job
+from converters.jobs.options import JobOptions
 from converters.jobs.progress import Progress
 from converters.mcore.mapping import plan_mapping
 from converters.mcore.params import MTP_PARAMS, SPEC_MARKERS, checkpoint_spec, hf_tensor_shapes
-from converters.preflight import check_free_space, check_paths, check_readable, read_config
+from converters.preflight import check_paths, check_readable, read_config
 from toolkit.errors import ConvertError
 from toolkit.hf_config import ConfigEdit
 from toolkit.safetensors_index import INDEX_NAME
@@ -115,20 +118,6 @@ def hf_regions(config: dict[str, Any], keys: set[str]) -> dict[str, list[Region]
     return {name: regions[name] for name in shapes}
 
 
-@dataclass
-class ExportSummary:
-    dst: str
-    shards: int = 0
-    tensors: int = 0
-    bytes_out: int = 0
-    seconds: float = 0.0
-    source: str = ""  # the torch_dist dir read (below what --src named)
-    skipped_mtp_tensors: int = 0  # stored MTP tensors config.json does not declare (num_nextn_predict_layers 0)
-
-    def to_json(self) -> dict[str, object]:
-        return asdict(self)
-
-
 TRACKER = "latest_checkpointed_iteration.txt"
 # where the torch_dist files sit below a dir the user may name: ours/Megatron's release, verl's actor
 # (global_step_N/actor/model/dist_ckpt: verl 0.9 with use_dist_checkpointing), verl's global_step_N
@@ -164,15 +153,136 @@ def find_dist_checkpoint(src: Path) -> Path:
                        "give a torch_dist checkpoint, verl's checkpoints dir, or one of its global_step_N dirs")
 
 
-def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False, progress_factory=None) -> ExportSummary:
-    """Write HF safetensors shards + index + config (and the config dir's tokenizer files) from mcore."""
-    start = time.perf_counter()
+STATE_DIR = ".mcore-hf"
+FINISHED_FILE = ".mcore-hf-source.json"  # kept: lets a re-run recognise its own finished export
+
+
+def _shard_name(index: int, count: int) -> str:
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass
+class ExportPlan(Job):
+    """The lifecycle's items are the HF shards; the other files, config.json and the index finish it."""
+
+    src: Path  # the torch_dist dir (below what --src named)
+    dst: Path
+    hf_config_dir: Path
+    options: JobOptions
+    config_text: str
+    regions: dict[str, list[Region]]
+    shards: list[list[OutputTensor]]  # in writing order
+    headers: list[bytes]
+    copies: list[Path]  # the config dir's other files (tokenizer, ...), copied as they are
+    identity: dict[str, Any]
+    disable_mtp: bool
+    skipped_mtp_tensors: int
+    item_noun = "shard"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dst / STATE_DIR
+
+    @property
+    def finished_mark(self) -> Path:
+        return self.dst / FINISHED_FILE
+
+    def shard_name(self, index: int) -> str:
+        return _shard_name(index, len(self.shards))
+
+    def item_sizes(self) -> list[int]:
+        return [len(header) + sum(t.nbytes for t in group) for header, group in zip(self.headers, self.shards, strict=True)]
+
+    def item_done(self, index: int) -> bool:
+        """Complete iff the shard holds exactly the expected header and size (it is renamed into place whole)."""
+        path, header = self.dst / self.shard_name(index), self.headers[index]
+        try:
+            if path.stat().st_size != len(header) + sum(t.nbytes for t in self.shards[index]):
+                return False
+            with open(path, "rb") as handle:
+                return handle.read(len(header)) == header
+        except OSError:
+            return False
+
+    def preflight(self, pending: list[int]) -> int:
+        check_readable(self.copies)
+        return sum(path.stat().st_size for path in self.copies)
+
+    def describe(self, pending: list[int]) -> str:
+        return f"{sum(len(self.shards[index]) for index in pending)} tensors"
+
+    def progress_total(self, pending: list[int]) -> int:
+        return sum(t.nbytes for index in pending for t in self.shards[index])
+
+    def open_writer(self, device: str) -> ShardExport:
+        return ShardExport(self)
+
+    def forget(self) -> None:
+        for path in [self.dst / INDEX_NAME] + [self.dst / self.shard_name(index) for index in range(len(self.shards))]:
+            path.unlink(missing_ok=True)
+
+    def finalize(self) -> None:
+        """The config dir's files, config.json for BF16, then the index (the finished mark follows it)."""
+        for path in self.copies:
+            atomic_copy(path, self.dst / path.name)
+        edit = ConfigEdit(drop_quantization=True, disable_mtp=self.disable_mtp, dtype="bfloat16")
+        atomic_write_bytes(self.dst / "config.json", edit.apply(self.config_text).encode())
+        weight_map = {t.name: self.shard_name(index) for index, group in enumerate(self.shards) for t in group}
+        index = {"metadata": {"total_size": sum(t.nbytes for group in self.shards for t in group)},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_bytes(self.dst / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+
+
+class ShardExport(ItemWriter):
+    """Writes HF shards from one lazily read dist checkpoint, each renamed into place when complete."""
+
+    def __init__(self, plan: ExportPlan) -> None:
+        self.plan = plan
+        self.checkpoint = DistCheckpoint(plan.src)
+        self.seconds: dict[str, float] = {}
+
+    def write(self, index: int, progress: Report) -> None:
+        name = self.plan.shard_name(index)
+        with AtomicFile(self.plan.dst / name, tmp_path=temp_path(self.plan.state_dir, name)) as target:
+            target.write(self.plan.headers[index])
+            for tensor in self.plan.shards[index]:
+                parts = [self.checkpoint.read(region) for region in self.plan.regions[tensor.name]]
+                data = torch.cat(parts) if len(parts) > 1 else parts[0]
+                target.write(tensor_bytes(data.reshape(tensor.shape)))
+                progress(tensor.nbytes)
+
+    def close(self) -> None:
+        pass  # each shard landed (fsync, rename) before write returned
+
+    def abandon(self) -> None:
+        pass
+
+
+@dataclass
+class ExportSummary:
+    dst: str
+    shards: int = 0  # what the export holds
+    tensors: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    source: str = ""  # the torch_dist dir read (below what --src named)
+    skipped_mtp_tensors: int = 0  # stored MTP tensors config.json does not declare (num_nextn_predict_layers 0)
+    shards_written: int = 0
+    shards_skipped: int = 0  # found complete (a resumed export)
+    finalized: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def plan_export(src: Path, hf_config_dir: Path, dst: Path, options: JobOptions | None = None,
+                shard_bytes: int | None = None) -> ExportPlan:
+    """Everything decided from the dist checkpoint's `.metadata` and config.json; nothing written."""
+    options = options or JobOptions()
     src, hf_config_dir, dst = Path(src), Path(hf_config_dir), Path(dst)
     if src.is_dir():
         src = find_dist_checkpoint(src)
     check_paths(src, dst)
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise ConvertError(f"--dst {dst} is not empty; choose an empty directory or pass --overwrite")
     config_text, config = read_config(hf_config_dir / "config.json")
     checkpoint = DistCheckpoint(src)
     keys = set(checkpoint.metadata.state_dict_metadata)
@@ -184,32 +294,34 @@ def export_hf(src: Path, hf_config_dir: Path, dst: Path, overwrite: bool = False
     missing = sorted(used - keys)
     if missing:
         raise ConvertError(f"{src}: {len(missing)} tensor(s) the model needs are missing: {', '.join(missing[:8])}")
-    tensors = {
-        name: OutputTensor(name, DTYPE_NAMES[checkpoint.tensor_meta(rs[0].key).properties.dtype], _hf_shape(rs))
+    tensors = [
+        OutputTensor(name, DTYPE_NAMES[checkpoint.tensor_meta(rs[0].key).properties.dtype], _hf_shape(rs))
         for name, rs in regions.items()
-    }
-    shards = _assign_shards(list(tensors.values()))
-    total = sum(t.nbytes for t in tensors.values())
+    ]
+    shards = [order_for_writing(group) for group in _assign_shards(tensors, shard_bytes or SHARD_BYTES)]
     copies = [path for path in sorted(hf_config_dir.iterdir())
               if not path.is_dir() and path.name not in _SKIP_FROM_CONFIG_DIR and not path.name.endswith(".safetensors")]
-    check_readable(copies)
-    check_free_space(dst, total + sum(path.stat().st_size for path in copies), f"{len(tensors)} tensors")
-    progress = (progress_factory or (lambda total: lambda n: None))(total)
-    dst.mkdir(parents=True, exist_ok=True)
-    weight_map = {}
-    for index, group in enumerate(shards):
-        name = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
-        _write_shard(dst / name, group, regions, checkpoint, progress)
-        weight_map.update(dict.fromkeys((t.name for t in group), name))
-    for path in copies:
-        atomic_copy(path, dst / path.name)
-    edit = ConfigEdit(drop_quantization=True, disable_mtp=not any(k.startswith("mtp.") for k in keys), dtype="bfloat16")
-    atomic_write_bytes(dst / "config.json", edit.apply(config_text).encode())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    atomic_write_bytes(dst / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+    stored = [src / ".metadata", *sorted(src.glob("*.distcp"))]
+    identity = {
+        "tool": "convert mcore-hf",
+        "source": str(src.resolve()),
+        "hf_config": str(hf_config_dir.resolve()),
+        "shard_bytes": shard_bytes or SHARD_BYTES,
+        "files": {str(path.resolve()): [path.stat().st_size, path.stat().st_mtime_ns]
+                  for path in [*stored, hf_config_dir / "config.json", *copies] if path.exists()},
+    }
     skipped = sum(1 for key, meta in checkpoint.metadata.state_dict_metadata.items()
                   if key.startswith("mtp.") and key not in used and isinstance(meta, TensorStorageMetadata))
-    return ExportSummary(str(dst), len(shards), len(tensors), total, round(time.perf_counter() - start, 3), str(src), skipped)
+    return ExportPlan(src, dst, hf_config_dir, options, config_text, regions, shards, [encode_header(group) for group in shards],
+                      copies, identity, not any(k.startswith("mtp.") for k in keys), skipped)
+
+
+def export_hf(plan: ExportPlan, progress_factory: ProgressFactory | None = None) -> ExportSummary:
+    """Write the pending HF shards (resuming), then the index, config.json and the config dir's files."""
+    result = run_job(plan, progress_factory)
+    every = [t for group in plan.shards for t in group]
+    return ExportSummary(str(plan.dst), len(plan.shards), len(every), sum(t.nbytes for t in every), round(result.seconds, 3),
+                         str(plan.src), plan.skipped_mtp_tensors, len(result.written), result.skipped, result.finalized)
 
 
 def _hf_shape(regions: list[Region]) -> tuple[int, ...]:
@@ -220,11 +332,11 @@ def _hf_shape(regions: list[Region]) -> tuple[int, ...]:
     return (rows, *first[1:])
 
 
-def _assign_shards(tensors: list[OutputTensor]) -> list[list[OutputTensor]]:
+def _assign_shards(tensors: list[OutputTensor], shard_bytes: int) -> list[list[OutputTensor]]:
     shards: list[list[OutputTensor]] = [[]]
     size = 0
     for tensor in tensors:
-        if shards[-1] and size + tensor.nbytes > SHARD_BYTES:
+        if shards[-1] and size + tensor.nbytes > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(tensor)
@@ -232,26 +344,19 @@ def _assign_shards(tensors: list[OutputTensor]) -> list[list[OutputTensor]]:
     return shards
 
 
-def _write_shard(path: Path, group: list[OutputTensor], regions, checkpoint: DistCheckpoint, progress) -> None:
-    ordered = order_for_writing(group)
-    with AtomicFile(path) as target:
-        target.write(encode_header(ordered))
-        for tensor in ordered:
-            parts = [checkpoint.read(region) for region in regions[tensor.name]]
-            data = torch.cat(parts) if len(parts) > 1 else parts[0]
-            target.write(tensor_bytes(data.reshape(tensor.shape)))
-            progress(tensor.nbytes)
-
-
-def export_command(src: Path, hf_config: Path, dst: Path, overwrite: bool, as_json: bool, quiet: bool) -> int:
-    """`convert mcore-hf`: export with progress and print the summary."""
+def export_command(src: Path, hf_config: Path, dst: Path, options: JobOptions, as_json: bool, quiet: bool) -> int:
+    """`convert mcore-hf`: plan, export with progress, print; 0 done (also: nothing to do)."""
+    plan = plan_export(src, hf_config, dst, options)
     with Progress("mcore->hf", quiet=quiet or as_json) as progress:
-        summary = export_hf(src, hf_config, dst, overwrite, progress.start)
+        summary = export_hf(plan, progress.start)
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
+        if summary.shards_skipped:
+            print("already complete: nothing to do" if not summary.shards_written else
+                  f"{summary.shards_skipped} shard(s) already there, {summary.shards_written} written")
         print(f"{summary.tensors} tensors in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: "
               f"{summary.dst} (read {summary.source})")
         if summary.skipped_mtp_tensors:
             print(f"config.json declares no MTP layer (num_nextn_predict_layers 0): {summary.skipped_mtp_tensors} stored MTP tensors left out")
-    return 0
+    return 0 if summary.finalized else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -454,3 +455,71 @@ def test_convert_check_is_the_checker_with_its_exit_codes(models, tmp_path):
     result = subprocess.run([sys.executable, "-m", "converters.cli", "check", "--hf", str(tmp_path), "--mcore", str(models["te"])],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("convert check: error:") and "config.json" in result.stderr
+
+
+# convert mcore-hf runs the same job lifecycle as the other two: finished mark, claim, resume.
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_mcore_hf_rerun_on_a_finished_export_is_a_no_op(models, tmp_path):
+    dst = tmp_path / "hf"
+    args = ("mcore-hf", "--src", str(models["te"].parent), "--hf-config", str(models["bf16"]), "--dst", str(dst))
+    assert convert(*args).returncode == 0
+    assert (dst / ".mcore-hf-source.json").is_file() and not (dst / ".mcore-hf").exists()
+    before = {name: (data, (dst / name).stat().st_mtime_ns) for name, data in tree_bytes(dst).items()}
+    again = convert(*args)
+    assert again.returncode == 0 and again.stdout.startswith("already complete: nothing to do"), again.stdout + again.stderr
+    assert {name: (data, (dst / name).stat().st_mtime_ns) for name, data in tree_bytes(dst).items()} == before
+    summary = json.loads(convert(*args, "--json").stdout)
+    assert summary["shards_written"] == 0 and summary["shards_skipped"] == summary["shards"] == 1 and summary["finalized"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    refused = convert("mcore-hf", "--src", str(models["te"].parent), "--hf-config", str(models["bf16"]), "--dst", str(other))
+    assert refused.returncode == 2 and "not empty (notes.txt)" in refused.stderr and "--overwrite" in refused.stderr
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_mcore_hf_twin_run_is_refused_by_the_lock(models, tmp_path):
+    from converters.mcore.to_hf import plan_export
+
+    dst = tmp_path / "hf"
+    with plan_export(models["te"].parent, models["bf16"], dst).destination().claim():  # as a run in progress holds it
+        result = convert("mcore-hf", "--src", str(models["te"].parent), "--hf-config", str(models["bf16"]), "--dst", str(dst))
+        assert result.returncode == 2 and f"part 0/1 is already being written by pid {os.getpid()}" in result.stderr, result.stderr
+    assert not list(dst.glob("*.safetensors"))
+
+
+def test_mcore_hf_resumes_an_interrupted_export_byte_identically(models, tmp_path, monkeypatch):
+    from converters.jobs.claim import temp_path
+    from converters.mcore import to_hf
+
+    shard_bytes = 150_000  # the tiny model in many shards
+    reference = tmp_path / "reference"
+    to_hf.export_hf(to_hf.plan_export(models["te"].parent, models["bf16"], reference, shard_bytes=shard_bytes))
+    dst = tmp_path / "hf"
+    plan = to_hf.plan_export(models["te"].parent, models["bf16"], dst, shard_bytes=shard_bytes)
+    assert len(plan.shards) > 3
+    real_write, calls = to_hf.ShardExport.write, {"count": 0}
+
+    def failing_write(writer, index, progress):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise RuntimeError("killed")
+        return real_write(writer, index, progress)
+
+    monkeypatch.setattr(to_hf.ShardExport, "write", failing_write)
+    with pytest.raises(RuntimeError, match="killed"):
+        to_hf.export_hf(plan)
+    monkeypatch.setattr(to_hf.ShardExport, "write", real_write)
+    assert len(list(dst.glob("*.safetensors"))) == 2
+    assert not (dst / "model.safetensors.index.json").exists() and not (dst / to_hf.FINISHED_FILE).exists()
+    # what a SIGKILL leaves of the shard being written: a temp file whose process is gone
+    dead = temp_path(plan.state_dir, plan.shard_name(2)).with_name(f"{plan.shard_name(2)}~{socket.gethostname()}~999999999.tmp")
+    dead.write_bytes(b"partial")
+    summary = to_hf.export_hf(to_hf.plan_export(models["te"].parent, models["bf16"], dst, shard_bytes=shard_bytes))
+    assert summary.finalized and summary.shards_skipped == 2 and summary.shards_written == len(plan.shards) - 2
+    assert not plan.state_dir.exists()
+    assert tree_bytes(dst) == tree_bytes(reference)  # the finished marks too: same source, same options

@@ -9,6 +9,7 @@ named recipes live in `toolkit.recipes`, where `convert hf-mcore --recipe` reads
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -47,7 +48,7 @@ def load_model_config(model: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParamCounts:
     dense: int  # everything but routed experts (replicated over EP, split over TP)
     experts: int  # routed experts (split over EP x ETP)
@@ -55,7 +56,14 @@ class ParamCounts:
 
 
 def count_params(config: dict[str, Any]) -> ParamCounts:
-    shapes = hf_tensor_shapes({**config, "num_hidden_layers": config["num_hidden_layers"]}, 0)
+    # the plan search estimates thousands of layouts of one model: its tensor list is made once
+    return _count_params(json.dumps(config, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _count_params(config_json: str) -> ParamCounts:
+    config = json.loads(config_json)
+    shapes = hf_tensor_shapes(config, 0)
     experts = sum(_numel(s) for n, s in shapes.items() if ".mlp.experts." in n)
     embedding = sum(_numel(s) for n, s in shapes.items() if n in ("model.embed_tokens.weight", "lm_head.weight"))
     total = sum(_numel(s) for s in shapes.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -25,6 +26,13 @@ PATCHED_IN_WHEEL = (
 def fetch_mcore_wheel(version: str) -> Path:
     """`pip download --no-deps megatron-core==VERSION` into the cache (cp312 wheels for releases without cp311)."""
     WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
+    # `make test` runs two pytest workers: one downloads a release while the other waits for it
+    with open(WHEEL_CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _fetch_locked(version)
+
+
+def _fetch_locked(version: str) -> Path:
     cached = sorted(WHEEL_CACHE.glob(f"megatron_core-{version}-*.whl"))
     if cached:
         return cached[0]
@@ -74,3 +82,19 @@ def tmpfs(tmp_path):
     yield mount
     for mount_point in mounted:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The tiny DeepSeek-V3 of converters.testing in FP8 (3 shards) and its BF16 cast by `convert fp8-bf16`,
+    made once per test worker and shared by the converter tests: read them, never write into them."""
+    from convert_cli import convert
+
+    from converters.testing import make_fp8_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_fp8_checkpoint(root / "fp8", shards=3)
+    result = convert("fp8-bf16", "--src", str(root / "fp8"), "--dst", str(root / "bf16"))
+    assert result.returncode == 0, result.stderr
+    return {"fp8": root / "fp8", "bf16": root / "bf16"}
+

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 
-def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converters.cli", *args, "--quiet"], capture_output=True, text=True)
+def convert(*args: str, quiet: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """`convert ARGS` (with --quiet unless quiet=False), its output captured as text; kwargs go to subprocess.run."""
+    return subprocess.run([sys.executable, "-m", "converters.cli", *args, *(["--quiet"] if quiet else [])],
+                          capture_output=True, text=True, **kwargs)
 
 
 def to_mcore(src: Path, dst: Path, *extra: str) -> Path:

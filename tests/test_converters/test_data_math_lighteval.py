@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from convert_cli import convert as run_convert
 
 from converters.data.math_lighteval import INSTRUCTION, last_boxed
 from converters.testing import math_sample_rows
@@ -17,7 +17,7 @@ EXPECTED_TRAIN_ANSWERS = ["2", "\\frac{3}{4}", "3", "4", "(-2,2)", "2", "1"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converters.cli", "math-lighteval", *args], capture_output=True, text=True)
+    return run_convert("math-lighteval", *args, quiet=False)
 
 
 def write_inputs(root, form: str):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
+from convert_cli import convert as run_convert
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converters.cli", "prompts", *args], capture_output=True, text=True)
+    return run_convert("prompts", *args, quiet=False)
 
 
 def test_prompts_become_verl_rows_with_the_data_source(tmp_path):

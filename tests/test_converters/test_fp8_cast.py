@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from convert_cli import convert as run_convert
 from faults import assert_gone, fill, spawned_workers, wait_until
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -43,7 +44,7 @@ def converted(fp8_model, tmp_path_factory) -> Path:
 
 
 def convert(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "converters.cli", "fp8-bf16", "--quiet", *args], capture_output=True, text=True, **kwargs)
+    return run_convert("fp8-bf16", *args, **kwargs)
 
 
 load_dir = load_checkpoint

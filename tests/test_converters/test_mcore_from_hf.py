@@ -24,12 +24,9 @@ from converters.testing import make_fp8_checkpoint
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf-mcore")
-    fp8, bf16 = root / "fp8", root / "bf16"
-    make_fp8_checkpoint(fp8, shards=3)
-    assert convert("fp8-bf16", "--src", str(fp8), "--dst", str(bf16)).returncode == 0
-    return {"fp8": fp8, "bf16": bf16, "root": root, "te": to_mcore(fp8, root / "mcore-te")}
+    return {**tiny_checkpoints, "root": root, "te": to_mcore(tiny_checkpoints["fp8"], root / "mcore-te")}
 
 
 def test_layout_and_metadata_files(models):

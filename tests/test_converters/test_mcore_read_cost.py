@@ -3,11 +3,10 @@ and the read plan that predicts them from `.metadata` alone."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from convert_cli import convert as run_convert
 from torch.distributed.checkpoint import FileSystemReader
 
 from bench.load_reads import measure_load
@@ -21,7 +20,7 @@ SMALL = {"hidden_size": 512, "intermediate_size": 1024, "moe_intermediate_size":
 
 
 def convert(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "converters.cli", *args, "--quiet"], capture_output=True, text=True)
+    result = run_convert(*args)
     assert result.returncode == 0, result.stderr
 
 

@@ -12,11 +12,10 @@ strict=ASSUME_OK_UNEXPECTED ignores them). Re-capture when megatron-core or TE v
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from convert_cli import convert as run_convert
 
 from converters.mcore.check import coverage, stored_keys
 from converters.testing import make_fp8_checkpoint
@@ -42,8 +41,7 @@ def converted(tmp_path_factory):
         if tag not in cache:
             root = tmp_path_factory.mktemp("te-keys")
             make_fp8_checkpoint(root / "fp8", overrides=overrides, shards=2)
-            result = subprocess.run([sys.executable, "-m", "converters.cli", "hf-mcore", "--src", str(root / "fp8"), "--dst", str(root / "mcore"), "--quiet"],
-                                    capture_output=True, text=True)
+            result = run_convert("hf-mcore", "--src", str(root / "fp8"), "--dst", str(root / "mcore"))
             assert result.returncode == 0, result.stderr
             cache[tag] = stored_keys(root / "mcore" / "release")
         return cache[tag]

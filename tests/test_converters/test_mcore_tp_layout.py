@@ -15,16 +15,13 @@ from converters.mcore.check import ATOL, compare
 from converters.mcore.from_hf import McoreOptions, _chunk_reader, plan_conversion
 from converters.mcore.mapping import Chunk, McoreTensor
 from converters.mcore.tp_layout import LayoutError, align_tensor, sharding_of
-from converters.testing import dequantised, load_checkpoint, make_fp8_checkpoint
+from converters.testing import dequantised, load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp-layout")
-    fp8, bf16 = root / "fp8", root / "bf16"
-    make_fp8_checkpoint(fp8, shards=3)
-    assert convert("fp8-bf16", "--src", str(fp8), "--dst", str(bf16)).returncode == 0
-    return {"fp8": fp8, "bf16": bf16, "root": root, "tp2": to_mcore(fp8, root / "tp2", "--align-tp", "2")}
+    return {**tiny_checkpoints, "root": root, "tp2": to_mcore(tiny_checkpoints["fp8"], root / "tp2", "--align-tp", "2")}
 
 
 def boxes(tensor: McoreTensor) -> list[tuple[tuple[int, ...], tuple[int, ...], str, object, object]]:

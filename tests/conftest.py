@@ -98,3 +98,9 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     assert result.returncode == 0, result.stderr
     return {"fp8": root / "fp8", "bf16": root / "bf16"}
 
+
+
+def pytest_collection_modifyitems(items):
+    """The Ray cluster tests first: they mostly wait for processes to start, so under `make test`'s two
+    workers they overlap the CPU-bound converter tests instead of running alone at the end."""
+    items.sort(key=lambda item: item.path.name != "test_cluster.py")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def load_model_config(model: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParamCounts:
     dense: int  # everything but routed experts (replicated over EP, split over TP)
     experts: int  # routed experts (split over EP x ETP)
@@ -45,7 +46,16 @@ class ParamCounts:
 
 
 def count_params(config: dict[str, Any]) -> ParamCounts:
-    shapes = hf_tensor_shapes({**config, "num_hidden_layers": config["num_hidden_layers"]}, 0)
+    """Parameters of the model without its MTP layers (the size a release is named by)."""
+    return _count_params(json.dumps(config, sort_keys=True, default=str))
+
+
+@lru_cache(maxsize=32)
+def _count_params(config_json: str) -> ParamCounts:
+    # cached: the plan search estimates memory for ~200 layouts (x every node count when it looks for the
+    # smallest feasible cluster), and listing Kimi-K2's 70k tensor shapes takes ~0.2 s each time
+    config = json.loads(config_json)
+    shapes = hf_tensor_shapes(config, 0)
     experts = sum(_numel(s) for n, s in shapes.items() if ".mlp.experts." in n)
     embedding = sum(_numel(s) for n, s in shapes.items() if n in ("model.embed_tokens.weight", "lm_head.weight"))
     total = sum(_numel(s) for s in shapes.values())

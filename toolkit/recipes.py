@@ -71,3 +71,15 @@ RECIPES: dict[str, Plan] = {
     "slime-kimi-k2-32x8": Plan(32, 8, 80, tp=8, pp=8, ep=32, etp=1, cp=4, last_stage_layers=5, rollout_tp=16,
                                gpu_memory_utilization=0.7, param_offload=False, grad_offload=False, recipe="slime-kimi-k2-32x8"),
 }
+
+# the preset (toolkit.presets) each recipe was published for
+RECIPE_MODELS: dict[str, str] = {
+    "pai-16x8": "deepseek-v3",
+    "verl-h20-12": "deepseek-v3",
+    "verl-h20-16": "deepseek-v3",
+    "verl-h20-32": "deepseek-v3",
+    "verl-h20-64": "deepseek-v3",
+    "verl-moonlight-3x8": "moonlight-16b-a3b",
+    "pai-moonlight-1x8": "moonlight-16b-a3b",
+    "slime-kimi-k2-32x8": "kimi-k2",
+}

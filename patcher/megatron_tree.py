@@ -1,13 +1,11 @@
-"""The Megatron patches as objects: three source codemods grouped per tree, and which of them a release needs.
+"""The Megatron patches as objects: four source codemods grouped per tree, and which of them a release needs.
 
 Megatron (one file each, all libcst codemods, each kept once as `<file>.orig` for an exact revert):
   export-flag    extensions/transformer_engine.py   duplicated TELinear weights marked not TP-split
   rope-gradient  transformer/multi_latent_attention.py  k_pos_emb gradient summed over TP ranks
   seed-edit      models/gpt/gpt_layer_specs.py       the how-to's column-parallel down projections
-Which of them a tree needs follows from its release and layout (`MegatronTree.patch_states`).
-
-A fourth codemod, not yet in that policy, is used on its own (`QProjNormPatch`):
   q-proj-norm    transformer/mla_qk_norm_config.py   0.19+: no q norm fused into linear_q_proj without a query LoRA
+Which of them a tree needs follows from its release and layout (`MegatronTree.patch_states`).
 """
 
 from __future__ import annotations
@@ -95,10 +93,10 @@ class RopeGradientPatch(CodemodPatch):
 class QProjNormPatch(CodemodPatch):
     """megatron-core 0.19's resolver: a plain `linear_q_proj` (no fused q norm) when q_lora_rank is null.
 
-    Not yet part of `MegatronTree`'s policy (`patcher status/apply` do not list it); used on its own:
+    Part of `MegatronTree` (`patcher status/apply/revert`); also usable on its own:
         patch = QProjNormPatch.in_tree(megatron_dir); patch.state(); patch.apply(); patch.revert()
     Releases without core/transformer/mla_qk_norm_config.py (<= 0.18) build `linear_q_proj` from the
-    spec and do not need it.
+    spec and do not need it. Models with a query LoRA take the other branch: harmless to them.
     """
 
     name = Q_PROJ_NORM
@@ -196,20 +194,23 @@ def _fused(report: megatron_spec.SpecReport) -> bool:
 
 
 class MegatronTree:
-    """The three Megatron patches of one tree (the `megatron` package dir), or of one lone file."""
+    """The four Megatron patches of one tree (the `megatron` package dir), or of one lone file."""
 
     target = "megatron"
 
-    def __init__(self, root: Path | None, spec: MegatronSpecPatch | None, export_flag: ExportFlagPatch | None, rope: RopeGradientPatch | None) -> None:
+    def __init__(self, root: Path | None, spec: MegatronSpecPatch | None, export_flag: ExportFlagPatch | None, rope: RopeGradientPatch | None,
+                 q_proj_norm: QProjNormPatch | None = None) -> None:
         self.root = root
         self.spec = spec
         self.export_flag = export_flag
         self.rope = rope
+        self.q_proj_norm = q_proj_norm
 
     @classmethod
     def at(cls, root: Path) -> MegatronTree:
         root = Path(root)
-        return cls(root, MegatronSpecPatch(root / SPEC_RELATIVE), ExportFlagPatch(root / TE_RELATIVE), RopeGradientPatch(root / MLA_RELATIVE))
+        return cls(root, MegatronSpecPatch(root / SPEC_RELATIVE), ExportFlagPatch(root / TE_RELATIVE), RopeGradientPatch(root / MLA_RELATIVE),
+                   QProjNormPatch.in_tree(root))
 
     @classmethod
     def lone_file(cls, path: Path) -> MegatronTree:
@@ -218,6 +219,8 @@ class MegatronTree:
             return cls(None, None, ExportFlagPatch(path), None)
         if path.name == MLA_RELATIVE.name:
             return cls(None, None, None, RopeGradientPatch(path))
+        if path.name == QK_NORM_RELATIVE.name:
+            return cls(None, None, None, None, QProjNormPatch(path))
         return cls(None, MegatronSpecPatch(path), None, None)
 
     @property
@@ -227,7 +230,7 @@ class MegatronTree:
         return next(patch.path for patch in self.patches() if patch is not None)
 
     def patches(self) -> list[BackedUpPatch]:
-        return [patch for patch in (self.spec, self.export_flag, self.rope) if patch is not None]
+        return [patch for patch in (self.spec, self.export_flag, self.rope, self.q_proj_norm) if patch is not None]
 
     @property
     def version(self) -> str | None:
@@ -269,6 +272,8 @@ class MegatronTree:
             states.append(self._rope_state(column_now, fused, seed_edit, rope_fix))
         elif seed_edit and self.spec is not None:
             states.append(PatchState(ROPE_GRADIENT, "", UNSUPPORTED, f"{self.spec.path} is not inside a Megatron tree: the seed edit needs the rope-gradient fix in the same tree's {MLA_RELATIVE}; give the tree"))
+        if self.q_proj_norm is not None:
+            states.append(self.q_proj_norm.state())
         return states
 
     @staticmethod

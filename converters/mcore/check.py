@@ -387,7 +387,7 @@ def describe(report: CheckReport, spec: str) -> list[str]:
         lines.append(f"this megatron-core fuses a q norm into linear_q_proj when q_lora_rank is null ({Q_NORM_WITHOUT_SOURCE.strip('.')}); "
                      "the HF model has no such norm, so no checkpoint can give it a right value: "
                      "use megatron-core <= 0.18 for q_lora_rank-null models (DeepSeek-V2-Lite), or patch the 0.19 resolver "
-                     "(patcher/mla_q_proj_norm.py: QProjNormPatch.in_tree(MEGATRON_DIR).apply(); not yet in `patcher apply`)")
+                     "with `patcher apply` (its q-proj-norm patch), then re-run this check")
     if report.missing:
         lines.append(f"MISSING: {len(report.missing)} key(s) the model asks for are not in the checkpoint:")
         lines += [f"  {key}" for key in report.missing[:40]]

@@ -117,18 +117,29 @@ def is_fp8_weight(name: str, tensor) -> bool:
 
 def tiny_bf16_state_dict(overrides: dict[str, Any] | None = None, seed: int = 0):
     """(config dict, HF-format state dict in bf16 with a float32 expert bias, MTP layer included)."""
+    settings = {**TINY_DEEPSEEK_V3, **(overrides or {})}
+    mtp_layers = settings.pop("num_nextn_predict_layers")
+    config, state = _hf_state_dict("deepseek_v3", settings, mtp_layers, seed)
+    # as in the released config.json (transformers 5 no longer writes the router's keys)
+    config.update(scoring_func="sigmoid", topk_method="noaux_tc")
+    return config, state
+
+
+def _hf_state_dict(model_type: str, settings: dict[str, Any], mtp_layers: int, seed: int):
+    """(transformers' config dict, bf16 state dict) of a randomly initialised model built by transformers'
+    own class for `model_type` (deepseek_v2: DeepseekV2ForCausalLM; deepseek_v3 and kimi_k2, which is
+    DeepSeek-V3's architecture: DeepseekV3ForCausalLM), plus `mtp_layers` MTP modules in DeepSeek's layout."""
     import tempfile
 
     import torch
     from safetensors.torch import load_file
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
-    settings = {**TINY_DEEPSEEK_V3, **(overrides or {})}
-    mtp_layers = settings.pop("num_nextn_predict_layers")
+    config_class, model_class = (DeepseekV2Config, DeepseekV2ForCausalLM) if model_type == "deepseek_v2" else (DeepseekV3Config, DeepseekV3ForCausalLM)
     layers = settings["num_hidden_layers"]
     torch.manual_seed(seed)
     # Build one extra decoder layer per MTP module: its weights become the MTP transformer layer.
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**{**settings, "num_hidden_layers": layers + mtp_layers}))
+    model = model_class(config_class(**{**settings, "num_hidden_layers": layers + mtp_layers}))
     with tempfile.TemporaryDirectory() as scratch:
         model.to(torch.bfloat16).save_pretrained(scratch)
         state = load_file(f"{scratch}/model.safetensors")
@@ -148,12 +159,75 @@ def tiny_bf16_state_dict(overrides: dict[str, Any] | None = None, seed: int = 0)
         state[prefix + "shared_head.norm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
         state[prefix + "shared_head.head.weight"] = state["lm_head.weight"].clone()
     config = model.config.to_dict()
-    # as in the released config.json (transformers 5 no longer writes the router's keys)
-    config.update(num_hidden_layers=layers, num_nextn_predict_layers=mtp_layers, scoring_func="sigmoid", topk_method="noaux_tc")
+    config.update(num_hidden_layers=layers, num_nextn_predict_layers=mtp_layers)
     for key in ("dtype", "torch_dtype"):
         if key in config:
             config[key] = "bfloat16"
     return config, state
+
+
+# The widths of a scaled-down model: small, the MLA head dims in DeepSeek's proportions (nope 2 x rope = v).
+SCALED_WIDTHS = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 48,
+}
+MAX_SCALED_EXPERTS = 64
+
+
+def scaled_down_config(release: dict[str, Any], moe_layers: int = 2) -> dict[str, Any]:
+    """A tiny config of the same structure as a published config.json (e.g. `toolkit.presets.preset_config`).
+
+    Kept as published: every key and its order, model_type, architectures, whether q_lora_rank is null,
+    n_shared_experts, num_experts_per_tok, n_group / topk_group, topk_method, scoring_func, norm_topk_prob,
+    routed_scaling_factor, first_k_dense_replace, moe_layer_freq, rope_scaling (presence, type and values),
+    rope_theta, tie_word_embeddings, num_nextn_predict_layers, quantization_config. n_routed_experts is kept
+    when it is at most 64; otherwise it becomes 64 rounded down to a multiple of n_group (DeepSeek-V3: 256 ->
+    64, 8 per group; Kimi-K2: 384 -> 64), so every group keeps as many experts as it had or fewer but
+    the groups, top-k and top-k groups stay. The widths are SCALED_WIDTHS (q_lora_rank only where the
+    release has one); the layers are the dense ones plus `moe_layers` MoE layers (first_k_dense_replace
+    + 2 with moe_layer_freq 1); bos/eos ids fit the small vocabulary."""
+    config = dict(release)
+    for key, value in SCALED_WIDTHS.items():
+        if key in config and not (key == "q_lora_rank" and config[key] is None):
+            config[key] = value
+    experts = config.get("n_routed_experts") or 0
+    groups = config.get("n_group") or 1
+    if experts > MAX_SCALED_EXPERTS:
+        config["n_routed_experts"] = MAX_SCALED_EXPERTS - MAX_SCALED_EXPERTS % groups
+    dense = config.get("first_k_dense_replace", 0)
+    every = config.get("moe_layer_freq", 1) or 1
+    layers = dense
+    while sum(int(i >= dense and i % every == 0) for i in range(layers)) < moe_layers:
+        layers += 1
+    config["num_hidden_layers"] = layers
+    for key in ("bos_token_id", "eos_token_id"):
+        if isinstance(config.get(key), int) and config[key] >= config["vocab_size"]:
+            config[key] = config[key] % config["vocab_size"]
+    return config
+
+
+def write_scaled_down_checkpoint(dst, release: dict[str, Any], seed: int = 0, shards: int = 2) -> dict[str, Any]:
+    """A random checkpoint of `scaled_down_config(release)` in the release's format: FP8 blocks with
+    `_scale_inv` when the release has a quantization_config, BF16 otherwise; MTP layers in DeepSeek's layout
+    when it has num_nextn_predict_layers. The weights come from transformers' class for the model_type
+    (`_hf_state_dict`); config.json is the release's keys with the small sizes. Returns the config."""
+    config = scaled_down_config(release)
+    settings = {key: value for key, value in config.items() if key not in ("architectures", "auto_map", "model_type", "quantization_config",
+                                                                               "transformers_version", "torch_dtype", "dtype")}
+    mtp_layers = settings.pop("num_nextn_predict_layers", 0) or 0
+    _, state = _hf_state_dict(config["model_type"], settings, mtp_layers, seed)
+    quantised = "quantization_config" in config
+    write_checkpoint(dst, config, quantise_state_dict(state) if quantised else state, shards)
+    return config
 
 
 def write_checkpoint(

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from toolkit.presets import PRESETS
+from toolkit.recipes import RECIPE_MODELS
 from toolkit.version import __version__
 
 DESCRIPTION = "Plan, check and run verl GRPO for DeepSeek-V3-class models, and plot its metrics; `launch demo` runs the toolkit end to end."
@@ -34,11 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n  0  a plan\n  2  impossible request (the message names the smallest feasible cluster)\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    plan.add_argument("--model", required=True, help="HF model dir (config.json) or a preset: deepseek-v3, deepseek-r1, deepseek-v3-0324")
+    plan.add_argument("--model", required=True, help="HF model dir (config.json) or a preset (the published config.json): " + ", ".join(PRESETS))
     plan.add_argument("--nodes", type=int, required=True)
     plan.add_argument("--gpus-per-node", type=int, default=8)
     plan.add_argument("--gpu-mem-gb", type=float, default=80, help="80 (H100/A100), 96 (H20), 141 (H200)")
-    plan.add_argument("--recipe", help="pai-16x8, verl-h20-12, verl-h20-16, verl-h20-32, verl-h20-64")
+    plan.add_argument("--recipe", help="a known-good plan: " + ", ".join(f"{name} ({model})" for name, model in RECIPE_MODELS.items()))
     plan.add_argument("--json", action="store_true")
     report = commands.add_parser(
         "report",

@@ -104,9 +104,9 @@ def check_group_routing(preflight: Preflight, config: dict) -> None:
     Otherwise the Megatron actor and vLLM route tokens to different experts: a different model (measured on a
     tiny model with top-k 2 of 2 groups: 0.1 max |logit| difference against transformers, 6e-7 once 4 = 2 x 2)."""
     groups = config.get("n_group") or 1
-    if groups <= 1 or not config.get("n_routed_experts"):
-        return
     topk, group_topk = config.get("num_experts_per_tok"), config.get("topk_group") or 1
+    if groups <= 1 or group_topk >= groups or not config.get("n_routed_experts"):
+        return  # every group is kept (Kimi-K2, Moonlight, DeepSeek-V2-Lite: one group): how groups are scored does not matter
     ok = topk == 2 * group_topk
     preflight.add("MoE group routing", ok, f"top-{topk} experts from {group_topk} of {groups} groups"
                   + ("" if ok else f": megatron-core scores a group by its top {topk // group_topk} expert(s), vLLM and transformers "

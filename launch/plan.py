@@ -9,29 +9,19 @@ named recipes live in `toolkit.recipes`, where `convert hf-mcore --recipe` reads
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from converters.mcore.config import moe_layer_freq
 from converters.mcore.params import hf_tensor_shapes
+from toolkit.presets import PRESETS, preset_config
 from toolkit.recipes import RECIPES, Plan
 
 GB = 1e9
-PRESETS = {  # the facts a plan needs from config.json, for models named instead of given as a dir
-    "deepseek-v3": {
-        "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-        "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128, "q_lora_rank": 1536,
-        "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-        "n_routed_experts": 256, "n_shared_experts": 1, "first_k_dense_replace": 3, "num_nextn_predict_layers": 1,
-        "tie_word_embeddings": False,
-    },
-}
-PRESETS["deepseek-r1"] = PRESETS["deepseek-v3"]
-PRESETS["deepseek-v3-0324"] = PRESETS["deepseek-v3"]
 
 
 class PlanError(ValueError):
@@ -41,7 +31,7 @@ class PlanError(ValueError):
 def load_model_config(model: str) -> dict[str, Any]:
     """A HF dir's config.json, or a preset by name."""
     if model in PRESETS:
-        return dict(PRESETS[model])
+        return preset_config(model)
     path = Path(model) / "config.json" if Path(model).is_dir() else Path(model)
     if not path.is_file():
         raise PlanError(f"{model}: neither a HF model dir, a config.json, nor a preset ({', '.join(sorted(PRESETS))})")
@@ -56,12 +46,14 @@ class ParamCounts:
 
 
 def count_params(config: dict[str, Any]) -> ParamCounts:
-    # the plan search estimates thousands of layouts of one model: its tensor list is made once
-    return _count_params(json.dumps(config, sort_keys=True))
+    """Parameters of the model without its MTP layers (the size a release is named by)."""
+    return _count_params(json.dumps(config, sort_keys=True, default=str))
 
 
-@functools.lru_cache(maxsize=16)
+@lru_cache(maxsize=32)
 def _count_params(config_json: str) -> ParamCounts:
+    # cached: the plan search estimates memory for ~200 layouts (x every node count when it looks for the
+    # smallest feasible cluster), and listing Kimi-K2's 70k tensor shapes takes ~0.2 s each time
     config = json.loads(config_json)
     shapes = hf_tensor_shapes(config, 0)
     experts = sum(_numel(s) for n, s in shapes.items() if ".mlp.experts." in n)
@@ -214,6 +206,10 @@ def make_plan(model: str, nodes: int, gpus_per_node: int = 8, gpu_mem_gb: float 
             raise PlanError(f"recipe {recipe} is for {plan.nodes} nodes x {plan.gpus_per_node} GPUs, not {nodes} x {gpus_per_node}")
         plan = replace(plan, gpu_mem_gb=gpu_mem_gb)
         problems = check_rules(plan, config)
+        memory = estimate_memory(plan, config)
+        if memory["rollout_weights_per_gpu"] > memory["vllm_share"] * 0.85:
+            problems.append(f"vLLM's BF16 weights are {memory['rollout_weights_per_gpu']} GB per GPU at rollout TP {plan.rollout_tp}, "
+                            f"more than 85% of its {memory['vllm_share']} GB share")
         if problems:
             raise PlanError(f"recipe {recipe} does not suit this model: " + "; ".join(problems))
         return plan, config

@@ -16,7 +16,7 @@ from toolkit.version import __version__
 DESCRIPTION = """\
 Patch Megatron-Core and DeepSeek-V3 configs for verl GRPO.
 
-Megatron: three libcst codemods; `apply` adds what the tree's release and layout need:
+Megatron: four libcst codemods; `apply` adds what the tree's release and layout need:
   export-flag    core/extensions/transformer_engine.py: duplicated TELinear weights get
                  tensor_model_parallel=False (backport of megatron-core 0.17), so exporters that
                  gather by that flag send vLLM one copy. Needed on 0.14-0.16; upstream from 0.17.
@@ -27,7 +27,11 @@ Megatron: three libcst codemods; `apply` adds what the tree's release and layout
   seed-edit      core/models/gpt/gpt_layer_specs.py: the how-to's edit, duplicated q/kv down
                  projections -> column-parallel. Only with --seed-edit, and then always together
                  with rope-gradient (alone it skews TP > 1 gradients).
-Default: 0.12/0.13 rope-gradient; 0.14-0.16 export-flag; 0.17+ nothing.
+  q-proj-norm    core/transformer/mla_qk_norm_config.py (0.19+): without a query LoRA (q_lora_rank
+                 null: DeepSeek-V2-Lite, Moonlight) linear_q_proj stays a plain linear instead of
+                 getting a fused RMSNorm that HF checkpoints have no weights for. Needed on 0.19+;
+                 <= 0.18 has no such file. Harmless to models with a query LoRA.
+Default: 0.12/0.13 rope-gradient; 0.14-0.16 export-flag; 0.17/0.18 nothing; 0.19+ q-proj-norm.
 
 HF model dir: config.json loses quantization_config and gets num_nextn_predict_layers: 0. An FP8
 checkpoint (index lists *_scale_inv, or float8 tensors) is refused: convert it first.

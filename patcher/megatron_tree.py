@@ -1,9 +1,10 @@
-"""The Megatron patches as objects: three source codemods grouped per tree, and which of them a release needs.
+"""The Megatron patches as objects: four source codemods grouped per tree, and which of them a release needs.
 
 Megatron (one file each, all libcst codemods, each kept once as `<file>.orig` for an exact revert):
   export-flag    extensions/transformer_engine.py   duplicated TELinear weights marked not TP-split
   rope-gradient  transformer/multi_latent_attention.py  k_pos_emb gradient summed over TP ranks
   seed-edit      models/gpt/gpt_layer_specs.py       the how-to's column-parallel down projections
+  q-proj-norm    transformer/mla_qk_norm_config.py   0.19+: no q norm fused into linear_q_proj without a query LoRA
 Which of them a tree needs follows from its release and layout (`MegatronTree.patch_states`).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from patcher import megatron_spec, mla_rope_grad, te_export_flag
+from patcher import megatron_spec, mla_q_proj_norm, mla_rope_grad, te_export_flag
 from patcher.backup import BACKUP_SUFFIX, BackedUpPatch, ensure_writable, read_text, unified_diff
 from patcher.cst_util import SourceParseError
 from patcher.states import (
@@ -24,6 +25,7 @@ from patcher.states import (
     NEEDS_PATCH,
     NOT_NEEDED,
     ON_REQUEST,
+    Q_PROJ_NORM,
     ROPE_GRADIENT,
     SEED_EDIT,
     UNSUPPORTED,
@@ -38,6 +40,7 @@ from patcher.versions import megatron_version
 SPEC_RELATIVE = Path("core/models/gpt/gpt_layer_specs.py")
 TE_RELATIVE = Path("core/extensions/transformer_engine.py")
 MLA_RELATIVE = Path("core/transformer/multi_latent_attention.py")
+QK_NORM_RELATIVE = Path("core/transformer/mla_qk_norm_config.py")  # megatron-core 0.19+
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,63 @@ class RopeGradientPatch(CodemodPatch):
     relative = MLA_RELATIVE
 
 
+class QProjNormPatch(CodemodPatch):
+    """megatron-core 0.19's resolver: a plain `linear_q_proj` (no fused q norm) when q_lora_rank is null.
+
+    Part of `MegatronTree` (`patcher status/apply/revert`); also usable on its own:
+        patch = QProjNormPatch.in_tree(megatron_dir); patch.state(); patch.apply(); patch.revert()
+    Releases without core/transformer/mla_qk_norm_config.py (<= 0.18) build `linear_q_proj` from the
+    spec and do not need it. Models with a query LoRA take the other branch: harmless to them.
+    """
+
+    name = Q_PROJ_NORM
+    codemod = mla_q_proj_norm
+    relative = QK_NORM_RELATIVE
+
+    @classmethod
+    def in_tree(cls, root: Path) -> QProjNormPatch:
+        return cls(Path(root) / QK_NORM_RELATIVE)
+
+    def state(self) -> PatchState:
+        """needed / applied / not-needed (no resolver: <= 0.18) / upstream / unsupported."""
+        backup = str(self.backup_path) if self.has_backup() else None
+        if not self.path.is_file() and not self.has_backup():
+            return PatchState(self.name, str(self.path), NOT_NEEDED,
+                              "this release has no mla_qk_norm_config.py: linear_q_proj is built from the spec (no fused q norm)")
+        found = self.file_state()
+        base = {"name": self.name, "path": str(self.path), "line": found.line, "backup": backup}
+        if found.state in (UNSUPPORTED, APPLIED):
+            return PatchState(**base, state=found.state, message=found.message)
+        if found.state == "present":
+            return PatchState(**base, state=UPSTREAM, message=f"present upstream: {found.message}")
+        return PatchState(**base, state=NEEDED, message=f"{found.message}: q_lora_rank-null models (DeepSeek-V2-Lite, Moonlight) "
+                          "get an RMSNorm before q_proj that HF does not have")
+
+    def apply(self, dry_run: bool = False) -> Outcome:
+        state = self.state()
+        if state.state == UNSUPPORTED:
+            raise PatchError(state.message)
+        if state.state != NEEDED:
+            return Outcome(str(self.path), False, f"nothing to do: {self.name}: {state.state}")
+        before, after = self.planned_change()
+        diff = unified_diff(before, after, self.path)
+        if dry_run:
+            return Outcome(str(self.path), False, f"dry run: would apply {self.name}", diff)
+        self.write(before, after)
+        return Outcome(str(self.path), True, f"patched {self.path} ({self.name}); original kept as <file>{BACKUP_SUFFIX}", diff)
+
+    def revert(self, dry_run: bool = False, force: bool = False) -> Outcome:
+        texts = self.check_revert(force)
+        if texts is None:
+            return Outcome(str(self.path), False, f"nothing to revert: no {self.backup_path.name}")
+        current, original = texts
+        diff = unified_diff(current, original, self.path)
+        if dry_run:
+            return Outcome(str(self.path), False, f"dry run: would restore {self.path}", diff)
+        self.restore()
+        return Outcome(str(self.path), True, f"restored the original bytes of {self.path}", diff)
+
+
 class MegatronSpecPatch(BackedUpPatch):
     """The how-to's edit: MLA q/kv down projections `backend.linear()` / `TELinear` -> column-parallel."""
 
@@ -134,20 +194,23 @@ def _fused(report: megatron_spec.SpecReport) -> bool:
 
 
 class MegatronTree:
-    """The three Megatron patches of one tree (the `megatron` package dir), or of one lone file."""
+    """The four Megatron patches of one tree (the `megatron` package dir), or of one lone file."""
 
     target = "megatron"
 
-    def __init__(self, root: Path | None, spec: MegatronSpecPatch | None, export_flag: ExportFlagPatch | None, rope: RopeGradientPatch | None) -> None:
+    def __init__(self, root: Path | None, spec: MegatronSpecPatch | None, export_flag: ExportFlagPatch | None, rope: RopeGradientPatch | None,
+                 q_proj_norm: QProjNormPatch | None = None) -> None:
         self.root = root
         self.spec = spec
         self.export_flag = export_flag
         self.rope = rope
+        self.q_proj_norm = q_proj_norm
 
     @classmethod
     def at(cls, root: Path) -> MegatronTree:
         root = Path(root)
-        return cls(root, MegatronSpecPatch(root / SPEC_RELATIVE), ExportFlagPatch(root / TE_RELATIVE), RopeGradientPatch(root / MLA_RELATIVE))
+        return cls(root, MegatronSpecPatch(root / SPEC_RELATIVE), ExportFlagPatch(root / TE_RELATIVE), RopeGradientPatch(root / MLA_RELATIVE),
+                   QProjNormPatch.in_tree(root))
 
     @classmethod
     def lone_file(cls, path: Path) -> MegatronTree:
@@ -156,6 +219,8 @@ class MegatronTree:
             return cls(None, None, ExportFlagPatch(path), None)
         if path.name == MLA_RELATIVE.name:
             return cls(None, None, None, RopeGradientPatch(path))
+        if path.name == QK_NORM_RELATIVE.name:
+            return cls(None, None, None, None, QProjNormPatch(path))
         return cls(None, MegatronSpecPatch(path), None, None)
 
     @property
@@ -165,7 +230,7 @@ class MegatronTree:
         return next(patch.path for patch in self.patches() if patch is not None)
 
     def patches(self) -> list[BackedUpPatch]:
-        return [patch for patch in (self.spec, self.export_flag, self.rope) if patch is not None]
+        return [patch for patch in (self.spec, self.export_flag, self.rope, self.q_proj_norm) if patch is not None]
 
     @property
     def version(self) -> str | None:
@@ -207,6 +272,8 @@ class MegatronTree:
             states.append(self._rope_state(column_now, fused, seed_edit, rope_fix))
         elif seed_edit and self.spec is not None:
             states.append(PatchState(ROPE_GRADIENT, "", UNSUPPORTED, f"{self.spec.path} is not inside a Megatron tree: the seed edit needs the rope-gradient fix in the same tree's {MLA_RELATIVE}; give the tree"))
+        if self.q_proj_norm is not None:
+            states.append(self.q_proj_norm.state())
         return states
 
     @staticmethod

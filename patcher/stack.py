@@ -27,6 +27,7 @@ from patcher.states import (
     EXPORT_FLAG,
     NEEDED,
     NOT_NEEDED,
+    Q_PROJ_NORM,
     ROPE_GRADIENT,
     SEED_EDIT,
     UNSUPPORTED,
@@ -155,7 +156,14 @@ def advise(stack: Stack, patch_states: list[dict[str, Any]], tp: int | None = No
     if tp is not None and tp <= 1:
         advice.needed = []
         advice.harmful = []
-        advice.reasons = [f"TP={tp}: the down projections are not split, so no patch matters"]
+        advice.reasons = [f"TP={tp}: the down projections are not split, so no down-projection patch matters"]
+    if states.get(Q_PROJ_NORM) == NEEDED:  # any exporter, any TP: the model itself differs
+        advice.needed.append(Q_PROJ_NORM)
+        advice.reasons = [reason for reason in advice.reasons if not reason.startswith("nothing to change")]
+        advice.reasons.append(
+            "megatron-core 0.19+ fuses an RMSNorm into linear_q_proj when q_lora_rank is null (DeepSeek-V2-Lite, Moonlight); "
+            "HF checkpoints have no weight for it: run `patcher apply` (the q-proj-norm patch; harmless with a query LoRA)"
+        )
     return advice
 
 

@@ -25,6 +25,7 @@ PATCH_EXIT = {NEEDED: NEEDS_PATCH, APPLIED: APPLIED, UPSTREAM: NOT_NEEDED, NOT_N
 EXPORT_FLAG = "export-flag"
 ROPE_GRADIENT = "rope-gradient"
 SEED_EDIT = "seed-edit"
+Q_PROJ_NORM = "q-proj-norm"
 
 
 class PatchError(Exception):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from patcher.config_patch import HFConfigPatch
-from patcher.megatron_tree import MLA_RELATIVE, SPEC_RELATIVE, TE_RELATIVE, MegatronTree
+from patcher.megatron_tree import MLA_RELATIVE, QK_NORM_RELATIVE, SPEC_RELATIVE, TE_RELATIVE, MegatronTree
 from patcher.states import PatchError
 
 
@@ -31,7 +31,7 @@ def installed_megatron_spec() -> Path:
 def _tree_root_of_file(path: Path) -> Path | None:
     """The `megatron` dir above a file that sits at one of the patched places inside it."""
     resolved = path.resolve()
-    for relative in (SPEC_RELATIVE, TE_RELATIVE, MLA_RELATIVE):
+    for relative in (SPEC_RELATIVE, TE_RELATIVE, MLA_RELATIVE, QK_NORM_RELATIVE):
         if resolved.parts[-len(relative.parts) :] == relative.parts:
             root = resolved.parents[len(relative.parts) - 1]
             if (root / "core" / "package_info.py").is_file() or (root / SPEC_RELATIVE).is_file():

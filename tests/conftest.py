@@ -20,6 +20,7 @@ PATCHED_IN_WHEEL = (
     PACKAGE_INFO_IN_WHEEL,
     "megatron/core/extensions/transformer_engine.py",
     "megatron/core/transformer/multi_latent_attention.py",
+    "megatron/core/transformer/mla_qk_norm_config.py",  # megatron-core 0.19+ only
 )
 
 
@@ -57,6 +58,8 @@ def mcore_release(tmp_path_factory):
         target = tmp_path_factory.mktemp(f"mcore-{version}")
         with zipfile.ZipFile(wheel) as archive:
             for member in PATCHED_IN_WHEEL:
+                if member not in archive.namelist():  # a file newer releases added
+                    continue
                 out = target / member
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(archive.read(member))

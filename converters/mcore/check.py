@@ -275,17 +275,56 @@ def _rank_main(rank: int, world: int, port: int, hf_dir: str, mcore_dir: str, tp
     torch.distributed.destroy_process_group()
 
 
-def hf_logits(model_dir, token_ids):
-    """float32 logits of a HF checkpoint on CPU, loaded by transformers itself."""
+# model_types transformers does not know, built with the class of the architecture they are (config.json's
+# `architectures` says so): Kimi-K2 is DeepSeek-V3's architecture under its own name (its auto_map points at
+# remote code, which the checker does not run)
+HF_ARCHITECTURE_OF = {"kimi_k2": "deepseek_v3"}
+
+
+def yarn_softmax_mscale(config: dict) -> float:
+    """DeepSeek's softmax-scale factor under yarn: mscale(factor, mscale_all_dim)^2 (1.0 without it).
+    DeepSeek's modeling code and vLLM multiply 1/sqrt(head dim) by it, and so does megatron-core
+    (MLA with yarn); transformers 5.9's DeepseekV2Attention leaves it out (its DeepseekV3Attention has it)."""
+    import math
+
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("type", scaling.get("rope_type")) != "yarn" or not scaling.get("mscale_all_dim") or scaling.get("factor", 1) <= 1:
+        return 1.0
+    return (0.1 * scaling["mscale_all_dim"] * math.log(scaling["factor"]) + 1.0) ** 2
+
+
+def load_hf_model(model_dir):
+    """The HF model as transformers builds it, float32 on CPU; kimi_k2 with DeepSeek-V3's classes, and
+    deepseek_v2's attention with DeepSeek's yarn softmax scale (see yarn_softmax_mscale)."""
     import torch
     import transformers
 
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    model_type = config.get("model_type")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers: expected
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        if model_type in HF_ARCHITECTURE_OF:
+            known = {key: value for key, value in config.items() if key not in ("model_type", "auto_map")}
+            hf_config = transformers.AutoConfig.for_model(HF_ARCHITECTURE_OF[model_type], **known)
+            model_class = transformers.AutoModelForCausalLM._model_mapping[type(hf_config)]
+            model = model_class.from_pretrained(model_dir, config=hf_config, dtype=torch.float32)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     finally:
         transformers.logging.set_verbosity(verbosity)
+    if model_type == "deepseek_v2":
+        factor = yarn_softmax_mscale(config)
+        for layer in model.model.layers:
+            layer.self_attn.scaling *= factor
+    return model.eval()
+
+
+def hf_logits(model_dir, token_ids):
+    """float32 logits of a HF checkpoint on CPU, computed by transformers' model (`load_hf_model`)."""
+    import torch
+
+    model = load_hf_model(model_dir)
     with torch.no_grad():
         return model(token_ids).logits
 
@@ -347,7 +386,8 @@ def describe(report: CheckReport, spec: str) -> list[str]:
     if any(key.endswith(Q_NORM_WITHOUT_SOURCE) for key in report.missing):
         lines.append(f"this megatron-core fuses a q norm into linear_q_proj when q_lora_rank is null ({Q_NORM_WITHOUT_SOURCE.strip('.')}); "
                      "the HF model has no such norm, so no checkpoint can give it a right value: "
-                     "use megatron-core <= 0.18 for q_lora_rank-null models (DeepSeek-V2-Lite)")
+                     "use megatron-core <= 0.18 for q_lora_rank-null models (DeepSeek-V2-Lite), or patch the 0.19 resolver "
+                     "with `patcher apply` (its q-proj-norm patch), then re-run this check")
     if report.missing:
         lines.append(f"MISSING: {len(report.missing)} key(s) the model asks for are not in the checkpoint:")
         lines += [f"  {key}" for key in report.missing[:40]]

@@ -14,7 +14,7 @@ from packaging.version import Version
 from launch.grpo import cluster_from_env
 from launch.overrides import build_overrides, dialect, installed_verl, validate_with_verl
 from launch.plan import PlanError, check_rules, load_model_config, make_plan, stage_split
-from toolkit.recipes import RECIPES
+from toolkit.recipes import RECIPE_MODELS, RECIPES
 
 DSV3 = load_model_config("deepseek-v3")
 
@@ -33,8 +33,9 @@ def test_recipes_are_reproduced_exactly():
     sixteen = RECIPES["verl-h20-16"]
     assert (sixteen.tp, sixteen.pp, sixteen.ep, sixteen.etp, sixteen.last_stage_layers, sixteen.optimizer_offload_fraction) == (8, 16, 8, 1, 1, 0.5)
     assert (RECIPES["verl-h20-64"].tp, RECIPES["verl-h20-64"].pp, RECIPES["verl-h20-64"].ep) == (1, 16, 32)
+    assert set(RECIPE_MODELS) == set(RECIPES)
     for name, recipe in RECIPES.items():
-        assert check_rules(recipe, DSV3) == [], name
+        assert check_rules(recipe, load_model_config(RECIPE_MODELS[name])) == [], name
 
 
 def test_divisibility_rules_are_enforced():

@@ -136,6 +136,22 @@ def test_group_routing_check_names_the_mismatch():
     assert preflight.checks == []
 
 
+@pytest.mark.parametrize("name", ["kimi-k2", "moonlight-16b-a3b", "deepseek-v2-lite"])
+def test_group_routing_check_passes_when_groups_exclude_nothing(name):
+    config = load_model_config(name)  # one group, top-k 8 or 6 of 1: 8 != 2 x 1, but no group can be dropped
+    assert config["n_group"] == config["topk_group"] == 1 and config["num_experts_per_tok"] != 2 * config["topk_group"]
+    preflight = Preflight()
+    check_group_routing(preflight, config)
+    assert preflight.checks == []
+    # all groups kept: top-4 from 4 of 4 groups is plain top-k, whatever score ranks the groups
+    preflight = Preflight()
+    check_group_routing(preflight, {**DSV3, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 4})
+    assert preflight.checks == []
+    preflight = Preflight()
+    check_group_routing(preflight, {**DSV3, "num_experts_per_tok": 4, "n_group": 4, "topk_group": 3})  # drops one group
+    assert not only(preflight).ok
+
+
 def test_the_weight_sync_needs_every_name_in_the_index(tmp_path):
     from converters.testing import TINY_DEEPSEEK_V3, deepseek_v3_config
 

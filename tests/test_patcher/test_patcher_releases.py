@@ -16,10 +16,12 @@ FILES = {
     "seed-edit": "megatron/core/models/gpt/gpt_layer_specs.py",
     "export-flag": "megatron/core/extensions/transformer_engine.py",
     "rope-gradient": "megatron/core/transformer/multi_latent_attention.py",
+    "q-proj-norm": "megatron/core/transformer/mla_qk_norm_config.py",  # 0.19+ only
 }
-NATIVE_COLUMN = {"seed-edit": "not-needed", "export-flag": "not-needed", "rope-gradient": "needed"}
-DUPLICATED = {"seed-edit": "on-request", "export-flag": "needed", "rope-gradient": "not-needed"}
-UPSTREAM_FLAG = {"seed-edit": "on-request", "export-flag": "upstream", "rope-gradient": "not-needed"}
+NATIVE_COLUMN = {"seed-edit": "not-needed", "export-flag": "not-needed", "rope-gradient": "needed", "q-proj-norm": "not-needed"}
+DUPLICATED = {"seed-edit": "on-request", "export-flag": "needed", "rope-gradient": "not-needed", "q-proj-norm": "not-needed"}
+UPSTREAM_FLAG = {"seed-edit": "on-request", "export-flag": "upstream", "rope-gradient": "not-needed", "q-proj-norm": "not-needed"}
+QK_NORM_RESOLVER = {**UPSTREAM_FLAG, "q-proj-norm": "needed"}
 
 # version -> (state of each patch before apply, patches applied by default, by --seed-edit)
 RELEASES = {
@@ -30,7 +32,7 @@ RELEASES = {
     "0.16.1": (DUPLICATED, {"export-flag"}, {"export-flag", "seed-edit", "rope-gradient"}),
     "0.17.1": (UPSTREAM_FLAG, set(), {"seed-edit", "rope-gradient"}),
     "0.18.2": (UPSTREAM_FLAG, set(), {"seed-edit", "rope-gradient"}),
-    "0.19.2": (UPSTREAM_FLAG, set(), {"seed-edit", "rope-gradient"}),
+    "0.19.2": (QK_NORM_RESOLVER, {"q-proj-norm"}, {"seed-edit", "rope-gradient", "q-proj-norm"}),
 }
 # seed-edit: the duplicated builder calls rewritten per release (TE spec, plus the inference spec from 0.16)
 SEED_SITES = {"0.14.0": 2, "0.15.3": 2, "0.16.1": 4, "0.17.1": 4, "0.18.2": 4, "0.19.2": 4}
@@ -45,6 +47,11 @@ def added_and_removed(before: str, after: str) -> tuple[list[str], list[str]]:
     return [line[1:] for line in lines if line[0] == "+"], [line[1:] for line in lines if line[0] == "-"]
 
 
+def read_files(site) -> dict[str, bytes | None]:
+    """Each patched file's bytes (None: this release has no such file)."""
+    return {name: (site / path).read_bytes() if (site / path).is_file() else None for name, path in FILES.items()}
+
+
 def status_json(site, capsys) -> tuple[int, dict]:
     code = main(["status", "--json", str(site)])
     return code, json.loads(capsys.readouterr().out)
@@ -57,6 +64,11 @@ def check_change(name: str, before: str, after: str, version: str) -> None:
     if name == "seed-edit":
         assert len(removed) == SEED_SITES[version] and all("down_proj=backend.linear()" in line for line in removed)
         assert sorted(line.replace("column_parallel_linear", "linear") for line in added) == sorted(removed)
+        return
+    if name == "q-proj-norm":  # the codemod's own lines are pinned in test_q_proj_norm.py; here: it finds its change
+        from patcher import mla_q_proj_norm
+
+        assert added and mla_q_proj_norm.scan(after).state == mla_q_proj_norm.PRESENT and mla_q_proj_norm.rewrite(after) == after
         return
     assert removed == []
     code = [line.strip() for line in added if not line.strip().startswith("#")]
@@ -78,7 +90,7 @@ def test_release(version, seed_edit, mcore_release, capsys):
     site = mcore_release(version)
     states, default, with_seed = RELEASES[version]
     expected = with_seed if seed_edit else default
-    originals = {name: (site / path).read_bytes() for name, path in FILES.items()}
+    originals = read_files(site)
 
     code, status = status_json(site, capsys)
     assert status["version"] == version
@@ -89,11 +101,11 @@ def test_release(version, seed_edit, mcore_release, capsys):
     assert main(["apply", "--dry-run", *flags, str(site)]) == 0
     diff = capsys.readouterr().out
     assert {name for name, path in FILES.items() if f"+++ b/{site / path}" in diff} == expected
-    assert {name: (site / path).read_bytes() for name, path in FILES.items()} == originals
+    assert read_files(site) == originals
 
     assert main(["apply", *flags, str(site)]) == 0
     capsys.readouterr()
-    changed = {name for name, path in FILES.items() if (site / path).read_bytes() != originals[name]}
+    changed = {name for name, content in read_files(site).items() if content != originals[name]}
     assert changed == expected
     for name in changed:
         check_change(name, originals[name].decode(), (site / FILES[name]).read_text(), version)
@@ -101,13 +113,13 @@ def test_release(version, seed_edit, mcore_release, capsys):
     code, after = status_json(site, capsys)
     assert code == 0 and after["state"] == ("applied" if expected else "not-needed")
     assert all(p["state"] == "applied" for p in after["patches"] if p["name"] in expected)
-    patched = {name: (site / path).read_bytes() for name, path in FILES.items()}
+    patched = read_files(site)
     assert main(["apply", *flags, str(site)]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    assert {name: (site / path).read_bytes() for name, path in FILES.items()} == patched
+    assert read_files(site) == patched
 
     assert main(["revert", str(site)]) == 0
-    assert {name: (site / path).read_bytes() for name, path in FILES.items()} == originals
+    assert read_files(site) == originals
     assert not list(site.rglob("*.orig"))
 
 
@@ -125,13 +137,15 @@ def test_seed_edit_alone_is_reported_harmful_and_default_apply_adds_the_rope_fix
     assert main(["apply", str(site)]) == 0
     capsys.readouterr()
     code, status = status_json(site, capsys)
-    assert code == 0 and {p["state"] for p in status["patches"]} == {"applied"}
+    states = {p["name"]: p["state"] for p in status["patches"]}
+    assert code == 0 and states.pop("q-proj-norm") == "not-needed"  # 0.16 has no q-norm resolver
+    assert set(states.values()) == {"applied"}
 
 
 def test_newest_release_fused_site_is_recognised(mcore_release, capsys):
     site = mcore_release("0.19.2")
     code, status = status_json(site, capsys)
-    assert code == 0
+    assert code == 1 and [p["name"] for p in status["patches"] if p["state"] == "needed"] == ["q-proj-norm"]
     fused = [s for s in status["sites"] if s["argument"] == "linear_qkv_down_proj"]
     assert len(fused) == 1
     assert fused[0]["state"] == "fused-column-parallel"
@@ -159,9 +173,9 @@ def test_unknown_structures_are_refused_with_file_and_line(mcore_release, capsys
     text = path.read_text()
     assert text.count(edit[0]) >= 1
     path.write_text(text.replace(edit[0], edit[1], 1))
-    before = {p: (site / p).read_bytes() for p in FILES.values()}
+    before = read_files(site)
     assert main(["apply", str(site)]) == 2
     err = capsys.readouterr().err
     assert message in err and str(path) in err
-    assert {p: (site / p).read_bytes() for p in FILES.values()} == before
+    assert read_files(site) == before
     assert not list(site.rglob("*.orig"))

@@ -18,13 +18,14 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# two workers, one test file each at a time: module fixtures are built once, and the Ray cluster tests
+# two workers, one test file each at a time, in collection order (conftest puts the Ray cluster tests first):
+# module fixtures are built once, and the Ray cluster tests
 # (mostly waiting for processes to start) overlap the CPU-bound converter tests
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow and not network"
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow and not network"
 
 demo: venv
 	$(VENV)/bin/launch demo --out demo-out

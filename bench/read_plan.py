@@ -4,6 +4,7 @@
     python -m bench.read_plan --recipe verl-h20-16 --json
     python -m bench.read_plan --tp 8 --pp 16 --ep 8 --etp 1 --last 1 --nodes 16
     python -m bench.read_plan --metadata CKPT/release          # a real checkpoint's .metadata instead
+    python -m bench.read_plan --model moonlight-16b-a3b --recipe pai-moonlight-1x8   # another preset's published config
 
 Nothing is loaded. Each rank's requested slices come from the mapping table and the sharding table
 (`converters.mcore.read_cost.rank_requests`, checked against megatron-core's own `sharded_state_dict` in
@@ -98,6 +99,7 @@ def summary(name: str, metadata: Metadata, read: ClusterRead, layout: ParallelLa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a `launch plan` preset (default: DeepSeek-V3)")
     parser.add_argument("--recipe", help="a `launch plan` recipe (default: pai-16x8 unless --tp is given)")
     parser.add_argument("--nodes", type=int, default=16)
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -124,7 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         layout = ParallelLayout(args.nodes * args.gpus_per_node, args.tp, args.pp, args.ep, args.etp, 1, args.first, args.last)
         gpus_per_node = args.gpus_per_node
-    config = deepseek_v3_config()
+    if args.model is None:
+        config, name = deepseek_v3_config(), "DeepSeek-V3"
+    else:
+        from toolkit.presets import preset_config
+
+        config, name = preset_config(args.model), args.model
     if args.metadata is not None:
         metadata = FileSystemReader(str(args.metadata)).read_metadata()
         keys = set(metadata.state_dict_metadata)
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         return 0
     plan = results[0]["plan"]
-    print(f"DeepSeek-V3, {layout.world} GPUs: TP{plan['tp']} PP{plan['pp']} EP{plan['ep']} ETP{plan['etp']} "
+    print(f"{name}, {layout.world} GPUs: TP{plan['tp']} PP{plan['pp']} EP{plan['ep']} ETP{plan['etp']} "
           f"(DP {plan['dp']}, expert DP {plan['expert_dp']})" + (", MLA down projections duplicated" if args.duplicated_down_proj else ""))
     print("| layout | stored chunks | cluster reads TB | x checkpoint | x needed | max per node GB | max per rank GB |")
     print("|---|---|---|---|---|---|---|")

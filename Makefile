@@ -18,14 +18,14 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-# two workers, one test file each at a time, in collection order (conftest puts the Ray cluster tests first):
-# module fixtures are built once, and the Ray cluster tests
-# (mostly waiting for processes to start) overlap the CPU-bound converter tests
+# three workers on two cores, one test file each at a time, in collection order (conftest puts the Ray cluster
+# tests first): module fixtures are built once per file, and while one worker mostly waits for Ray and verl to
+# start, the other two keep both cores busy with the converter tests
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow and not network"
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not slow and not network"
 
 demo: venv
 	$(VENV)/bin/launch demo --out demo-out

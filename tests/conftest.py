@@ -27,7 +27,7 @@ PATCHED_IN_WHEEL = (
 def fetch_mcore_wheel(version: str) -> Path:
     """`pip download --no-deps megatron-core==VERSION` into the cache (cp312 wheels for releases without cp311)."""
     WHEEL_CACHE.mkdir(parents=True, exist_ok=True)
-    # `make test` runs two pytest workers: one downloads a release while the other waits for it
+    # `make test` runs several pytest workers: one downloads a release while the others wait for it
     with open(WHEEL_CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _fetch_locked(version)
@@ -104,6 +104,6 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def pytest_collection_modifyitems(items):
-    """The Ray cluster tests first: they mostly wait for processes to start, so under `make test`'s two
+    """The Ray cluster tests first: they mostly wait for processes to start, so under `make test`'s
     workers they overlap the CPU-bound converter tests instead of running alone at the end."""
     items.sort(key=lambda item: item.path.name != "test_cluster.py")

@@ -115,7 +115,7 @@ def build_model(config: dict, tp: int, pp: int, ep: int, spec: str, backend: str
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
     from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    from converters.mcore.config import gpt_model_kwargs, mcore_config_kwargs
+    from converters.mcore.config import gpt_model_kwargs, mcore_config_kwargs, moe_layer_freq
 
     te = backend == "te"
     kwargs = mcore_config_kwargs(config)
@@ -140,13 +140,17 @@ def build_model(config: dict, tp: int, pp: int, ep: int, spec: str, backend: str
     )
     block = get_gpt_decoder_block_spec(transformer_config, use_transformer_engine=te)
     if not te:
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
         from converters.mcore.shim import local_core_attention
 
-        for layer_spec in block.layer_specs:
+        # which of this stage's layers are dense comes from config.json: megatron-core 0.19 wraps the MLP
+        # spec in functools.partial, so the spec no longer shows whether it holds experts
+        offset, moe = get_transformer_layer_offset(transformer_config), moe_layer_freq(config)
+        for index, layer_spec in enumerate(block.layer_specs):
             layer_spec.submodules.self_attention.submodules.core_attention = local_core_attention()
             if spec == "te":
-                dense = not hasattr(layer_spec.submodules.mlp.submodules, "experts")
-                layer_spec.submodules.sharded_state_dict_keys_map = te_keys_map(dense)
+                layer_spec.submodules.sharded_state_dict_keys_map = te_keys_map(dense=not moe[offset + index])
     mtp = None
     if transformer_config.mtp_num_layers:
         mtp = get_gpt_mtp_block_spec(transformer_config, block.layer_specs[-1], use_transformer_engine=te)

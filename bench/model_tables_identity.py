@@ -28,7 +28,6 @@ from converters.mcore.read_cost import ParallelLayout, rank_requests
 from converters.mcore.tp_layout import SHARDING, align_mapping, sharding_of
 from converters.testing import TINY_DEEPSEEK_V3, deepseek_v3_config
 from launch.plan import count_params
-from toolkit.presets import preset_config
 
 CAPTURES = Path(__file__).resolve().parents[1] / "tests" / "data" / "te_keys"
 ALIGNMENTS = ((1, 1), (2, 2), (4, 4), (8, 8), (8, 1), (2, 4))
@@ -43,7 +42,6 @@ CASES: dict[str, dict[str, Any]] = {
     "deepseek-v3": deepseek_v3_config(),
     "deepseek-v3-no-mtp": {**deepseek_v3_config(), "num_nextn_predict_layers": 0},
     "deepseek-v3-q-lora-null": {**deepseek_v3_config(), "q_lora_rank": None},
-    "preset-deepseek-v3": preset_config("deepseek-v3"),
 }
 
 

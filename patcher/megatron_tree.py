@@ -93,8 +93,7 @@ class RopeGradientPatch(CodemodPatch):
 class QProjNormPatch(CodemodPatch):
     """megatron-core 0.19's resolver: a plain `linear_q_proj` (no fused q norm) when q_lora_rank is null.
 
-    Part of `MegatronTree` (`patcher status/apply/revert`); also usable on its own:
-        patch = QProjNormPatch.in_tree(megatron_dir); patch.state(); patch.apply(); patch.revert()
+    Part of `MegatronTree` (`patcher status/apply/revert` apply and revert it with the others).
     Releases without core/transformer/mla_qk_norm_config.py (<= 0.18) build `linear_q_proj` from the
     spec and do not need it. Models with a query LoRA take the other branch: harmless to them.
     """
@@ -102,10 +101,6 @@ class QProjNormPatch(CodemodPatch):
     name = Q_PROJ_NORM
     codemod = mla_q_proj_norm
     relative = QK_NORM_RELATIVE
-
-    @classmethod
-    def in_tree(cls, root: Path) -> QProjNormPatch:
-        return cls(Path(root) / QK_NORM_RELATIVE)
 
     def state(self) -> PatchState:
         """needed / applied / not-needed (no resolver: <= 0.18) / upstream / unsupported."""
@@ -121,30 +116,6 @@ class QProjNormPatch(CodemodPatch):
             return PatchState(**base, state=UPSTREAM, message=f"present upstream: {found.message}")
         return PatchState(**base, state=NEEDED, message=f"{found.message}: q_lora_rank-null models (DeepSeek-V2-Lite, Moonlight) "
                           "get an RMSNorm before q_proj that HF does not have")
-
-    def apply(self, dry_run: bool = False) -> Outcome:
-        state = self.state()
-        if state.state == UNSUPPORTED:
-            raise PatchError(state.message)
-        if state.state != NEEDED:
-            return Outcome(str(self.path), False, f"nothing to do: {self.name}: {state.state}")
-        before, after = self.planned_change()
-        diff = unified_diff(before, after, self.path)
-        if dry_run:
-            return Outcome(str(self.path), False, f"dry run: would apply {self.name}", diff)
-        self.write(before, after)
-        return Outcome(str(self.path), True, f"patched {self.path} ({self.name}); original kept as <file>{BACKUP_SUFFIX}", diff)
-
-    def revert(self, dry_run: bool = False, force: bool = False) -> Outcome:
-        texts = self.check_revert(force)
-        if texts is None:
-            return Outcome(str(self.path), False, f"nothing to revert: no {self.backup_path.name}")
-        current, original = texts
-        diff = unified_diff(current, original, self.path)
-        if dry_run:
-            return Outcome(str(self.path), False, f"dry run: would restore {self.path}", diff)
-        self.restore()
-        return Outcome(str(self.path), True, f"restored the original bytes of {self.path}", diff)
 
 
 class MegatronSpecPatch(BackedUpPatch):
@@ -210,7 +181,7 @@ class MegatronTree:
     def at(cls, root: Path) -> MegatronTree:
         root = Path(root)
         return cls(root, MegatronSpecPatch(root / SPEC_RELATIVE), ExportFlagPatch(root / TE_RELATIVE), RopeGradientPatch(root / MLA_RELATIVE),
-                   QProjNormPatch.in_tree(root))
+                   QProjNormPatch(root / QK_NORM_RELATIVE))
 
     @classmethod
     def lone_file(cls, path: Path) -> MegatronTree:

@@ -20,7 +20,6 @@ EXIT_CODES = {APPLIED: 0, NOT_NEEDED: 0, NEEDS_PATCH: 1, UNSUPPORTED: 2}
 NEEDED = "needed"  # this release/layout needs it and it is missing: `patcher apply` adds it
 UPSTREAM = "upstream"  # the release already has the change
 ON_REQUEST = "on-request"  # only with --seed-edit
-PATCH_EXIT = {NEEDED: NEEDS_PATCH, APPLIED: APPLIED, UPSTREAM: NOT_NEEDED, NOT_NEEDED: NOT_NEEDED, ON_REQUEST: NOT_NEEDED}
 
 EXPORT_FLAG = "export-flag"
 ROPE_GRADIENT = "rope-gradient"

@@ -270,6 +270,7 @@ class ExportSummary:
     shards_written: int = 0
     shards_skipped: int = 0  # found complete (a resumed export)
     finalized: bool = False
+    already_finished: bool = False  # the destination held this export, finished: nothing was written
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -321,7 +322,8 @@ def export_hf(plan: ExportPlan, progress_factory: ProgressFactory | None = None)
     result = run_job(plan, progress_factory)
     every = [t for group in plan.shards for t in group]
     return ExportSummary(str(plan.dst), len(plan.shards), len(every), sum(t.nbytes for t in every), round(result.seconds, 3),
-                         str(plan.src), plan.skipped_mtp_tensors, len(result.written), result.skipped, result.finalized)
+                         str(plan.src), plan.skipped_mtp_tensors, len(result.written), result.skipped, result.finalized,
+                         result.already_finished)
 
 
 def _hf_shape(regions: list[Region]) -> tuple[int, ...]:
@@ -352,9 +354,10 @@ def export_command(src: Path, hf_config: Path, dst: Path, options: JobOptions, a
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
-        if summary.shards_skipped:
-            print("already complete: nothing to do" if not summary.shards_written else
-                  f"{summary.shards_skipped} shard(s) already there, {summary.shards_written} written")
+        if summary.already_finished:
+            print("already complete: nothing to do")
+        elif summary.shards_skipped:
+            print(f"{summary.shards_skipped} shard(s) already there, {summary.shards_written} written")
         print(f"{summary.tensors} tensors in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: "
               f"{summary.dst} (read {summary.source})")
         if summary.skipped_mtp_tensors:

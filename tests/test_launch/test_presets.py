@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 
 from converters.testing import deepseek_v3_config
-from launch.plan import PlanError, check_rules, count_params, estimate_memory, load_model_config, make_plan
+from launch.plan import PlanError, check_rules, count_params, load_model_config, make_plan
 from toolkit.presets import MODELS_DIR, PRESETS, preset_config
 from toolkit.recipes import RECIPE_MODELS, RECIPES
 
@@ -66,13 +65,11 @@ def test_presets_carry_the_facts_sources_md_states():
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_each_recipe_suits_the_model_it_was_published_for_or_says_why(recipe):
+def test_each_recipe_suits_the_model_it_was_published_for(recipe):
+    """make_plan refuses a recipe that breaks a rule or whose vLLM weights do not fit the engine's share."""
     plan = RECIPES[recipe]
-    model = RECIPE_MODELS[recipe]
-    gpu_mem = 96 if recipe.startswith(("pai-16", "verl-h20")) else plan.gpu_mem_gb  # H20 recipes
-    accepted, config = make_plan(model, plan.nodes, plan.gpus_per_node, gpu_mem, recipe)
-    assert accepted == replace(plan, gpu_mem_gb=gpu_mem)
-    assert estimate_memory(accepted, config)["rollout_weights_per_gpu"] <= estimate_memory(accepted, config)["vllm_share"] * 0.85
+    accepted, _ = make_plan(RECIPE_MODELS[recipe], plan.nodes, plan.gpus_per_node, plan.gpu_mem_gb, recipe)
+    assert accepted == plan
 
 
 def test_moonlight_plans_on_one_two_and_three_nodes():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from patcher import mla_q_proj_norm
-from patcher.megatron_tree import QK_NORM_RELATIVE, QProjNormPatch
+from patcher.megatron_tree import QK_NORM_RELATIVE, MegatronTree
 from patcher.states import APPLIED, NEEDED, NOT_NEEDED, UNSUPPORTED, PatchError
 
 pytestmark = pytest.mark.network
@@ -44,15 +44,18 @@ def changed_lines(before: str, after: str) -> tuple[list[str], list[str]]:
     return [line[1:].strip() for line in lines if line[0] == "-"], [line[1:].strip() for line in lines if line[0] == "+"]
 
 
+def q_proj_state(tree: MegatronTree):
+    return next(state for state in tree.patch_states() if state.name == "q-proj-norm")
+
+
 @pytest.mark.parametrize("version", OLDER)
 def test_releases_without_the_resolver_do_not_need_it(version, mcore_release):
     site = mcore_release(version)
     assert not (site / RESOLVER).exists()
-    patch = QProjNormPatch.in_tree(site / "megatron")
-    assert patch.state().state == NOT_NEEDED
-    outcome = patch.apply()
-    assert not outcome.changed and "nothing to do" in outcome.message
-    assert not list(site.rglob("*.orig")) and not (site / RESOLVER).exists()
+    tree = MegatronTree.at(site / "megatron")
+    assert q_proj_state(tree).state == NOT_NEEDED
+    tree.apply()
+    assert q_proj_state(tree).state == NOT_NEEDED and not (site / RESOLVER).exists()
 
 
 @pytest.mark.parametrize("version", FUSING)
@@ -60,18 +63,18 @@ def test_fusing_release_is_detected_applied_and_reverted(version, mcore_release)
     site = mcore_release(version)
     path = site / RESOLVER
     original = path.read_bytes()
-    patch = QProjNormPatch.in_tree(site / "megatron")
-    assert patch.path == site / "megatron" / QK_NORM_RELATIVE
+    tree = MegatronTree.at(site / "megatron")
+    assert tree.q_proj_norm.path == site / "megatron" / QK_NORM_RELATIVE
 
-    state = patch.state()
+    state = q_proj_state(tree)
     assert state.state == NEEDED and state.line is not None and "linear_q_proj" in state.message
     assert "linear_q_proj_cls = self._mla_fused_linear_or_default(" in original.decode().splitlines()[state.line - 1]
 
-    dry = patch.apply(dry_run=True)
+    dry = tree.apply(dry_run=True)
     assert not dry.changed and f"+++ b/{path}" in dry.diff and path.read_bytes() == original
 
-    outcome = patch.apply()
-    assert outcome.changed
+    outcome = tree.apply()
+    assert outcome.changed and "q-proj-norm" in outcome.message
     after = path.read_text()
     compile(after, RESOLVER, "exec")
     removed, added = changed_lines(original.decode(), after)
@@ -84,15 +87,14 @@ def test_fusing_release_is_detected_applied_and_reverted(version, mcore_release)
     index = max(i for i, line in enumerate(lines) if line.strip() == ADDED_CODE[0])
     assert lines[index - 3].strip() == "else:" and "def _resolve_mla_qk_layernorm" in "\n".join(lines[index - 20 : index])
 
-    assert patch.state().state == APPLIED
+    assert q_proj_state(tree).state == APPLIED
     assert mla_q_proj_norm.scan(after).state == mla_q_proj_norm.PRESENT
-    assert mla_q_proj_norm.rewrite(after) == after
-    again = patch.apply()
+    again = tree.apply()
     assert not again.changed and "nothing to do" in again.message and path.read_text() == after
 
-    assert patch.revert().changed
+    assert tree.revert().changed
     assert path.read_bytes() == original and not list(site.rglob("*.orig"))
-    assert patch.state().state == NEEDED
+    assert q_proj_state(tree).state == NEEDED
 
 
 @pytest.mark.parametrize(
@@ -111,10 +113,10 @@ def test_unknown_structures_are_refused(mcore_release, old, new):
     assert text.count(old) == 1
     path.write_text(text.replace(old, new))
     edited = path.read_bytes()
-    patch = QProjNormPatch.in_tree(site / "megatron")
-    assert patch.state().state == UNSUPPORTED and str(path) in patch.state().message
+    tree = MegatronTree.at(site / "megatron")
+    assert q_proj_state(tree).state == UNSUPPORTED and str(path) in q_proj_state(tree).message
     with pytest.raises(PatchError):
-        patch.apply()
+        tree.apply()
     assert path.read_bytes() == edited and not list(site.rglob("*.orig"))
 
 
@@ -158,7 +160,7 @@ def test_local_spec_q_lora_null_model_on_0_19_builds_and_matches_hf_only_when_pa
     assert unpatched.returncode != 0
     assert "q_lora_rank is None" in unpatched.stderr and "mla_qk_norm_config.py" in unpatched.stderr
 
-    assert QProjNormPatch.in_tree(site / "megatron").apply().changed
+    assert MegatronTree.at(site / "megatron").apply().changed
     patched = _check(site, bf16, release)
     assert patched.returncode == 0, patched.stderr[-3000:]
     report = json.loads(patched.stdout)

@@ -203,10 +203,10 @@ def scaled_down_config(release: dict[str, Any], moe_layers: int = 2) -> dict[str
     groups = config.get("n_group") or 1
     if experts > MAX_SCALED_EXPERTS:
         config["n_routed_experts"] = MAX_SCALED_EXPERTS - MAX_SCALED_EXPERTS % groups
-    dense = config.get("first_k_dense_replace", 0)
-    every = config.get("moe_layer_freq", 1) or 1
-    layers = dense
-    while sum(int(i >= dense and i % every == 0) for i in range(layers)) < moe_layers:
+    from converters.mcore.config import moe_layer_freq
+
+    layers = config.get("first_k_dense_replace", 0)
+    while sum(moe_layer_freq({**config, "num_hidden_layers": layers})) < moe_layers:
         layers += 1
     config["num_hidden_layers"] = layers
     for key in ("bos_token_id", "eos_token_id"):

@@ -151,15 +151,15 @@ def advise(stack: Stack, patch_states: list[dict[str, Any]], tp: int | None = No
                 f"{advice.exporter} exports duplicated TELinear weights as replicated: the export flag is not needed "
                 "(harmless; `patcher apply` adds it)"
             )
-    if not advice.reasons and advice.exporter is not None:
+    q_proj_needed = states.get(Q_PROJ_NORM) == NEEDED
+    if not advice.reasons and not q_proj_needed and advice.exporter is not None:
         advice.reasons.append(f"nothing to change: {advice.layout} down projections are exported and trained correctly by {advice.exporter}")
     if tp is not None and tp <= 1:
         advice.needed = []
         advice.harmful = []
         advice.reasons = [f"TP={tp}: the down projections are not split, so no down-projection patch matters"]
-    if states.get(Q_PROJ_NORM) == NEEDED:  # any exporter, any TP: the model itself differs
+    if q_proj_needed:  # any exporter, any TP: the model itself differs
         advice.needed.append(Q_PROJ_NORM)
-        advice.reasons = [reason for reason in advice.reasons if not reason.startswith("nothing to change")]
         advice.reasons.append(
             "megatron-core 0.19+ fuses an RMSNorm into linear_q_proj when q_lora_rank is null (DeepSeek-V2-Lite, Moonlight); "
             "HF checkpoints have no weight for it: run `patcher apply` (the q-proj-norm patch; harmless with a query LoRA)"

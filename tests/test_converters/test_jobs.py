@@ -17,7 +17,7 @@ import psutil
 import pytest
 from faults import assert_gone
 
-from converters.jobs.claim import CLAIM_FILE, Destination
+from converters.jobs.claim import CLAIM_FILE, Destination, remove_dead_temps, temp_path
 from converters.jobs.errors import Interrupted, WorkerDied, as_convert_error
 from converters.jobs.partition import balance
 from converters.jobs.pool import run_workers
@@ -262,3 +262,18 @@ def test_progress_line_after_thirty_seconds_without_five_percent(monkeypatch):
     clock["now"] += 31
     update(1)
     assert log.getvalue().count("\n") == 1 and "hf->mcore: " in log.getvalue()
+
+
+def test_only_the_temp_files_of_gone_processes_on_this_host_are_removed(tmp_path):
+    """What a SIGKILL leaves (a temp of a dead pid) goes before a resume; a live writer's temp, one of another
+    machine on a shared filesystem, or a file of another form stays."""
+    live = temp_path(tmp_path, "model-00001.safetensors")
+    dead = live.with_name(f"model-00002.safetensors~{socket.gethostname()}~999999999.tmp")
+    elsewhere = live.with_name("model-00003.safetensors~another-host~999999999.tmp")
+    foreign = tmp_path / "notes.tmp"
+    for path in (live, dead, elsewhere, foreign):
+        path.write_bytes(b"partial")
+    remove_dead_temps(tmp_path)
+    assert not dead.exists()
+    assert live.exists() and elsewhere.exists() and foreign.exists()
+

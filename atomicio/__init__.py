@@ -44,6 +44,17 @@ class AtomicFile:
         except OSError as exc:
             self._raise_named(exc)
 
+    def write_at(self, offset: int, data: bytes | memoryview) -> None:
+        """Write `data` at `offset` of the temp file (a writer that fills a layout out of order)."""
+        view = memoryview(data).cast("B")
+        try:
+            self.handle.flush()
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.handle.fileno(), view[done:], offset + done)
+        except OSError as exc:
+            self._raise_named(exc)
+
     def close(self) -> None:
         if not self.handle.closed:
             try:

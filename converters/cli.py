@@ -25,6 +25,22 @@ Safe to re-run: shards are written to DST/.fp8-bf16/ and renamed when complete; 
 same command skips finished shards and the result is byte-identical. The index is written last.
 """
 
+BF16_FP8_HELP = """\
+Quantise a BF16 HF checkpoint of a DeepSeek-V3-class model (fp8-bf16's output, verl's merger output, an
+mcore-hf export) to DeepSeek's FP8 release format, the one vLLM and SGLang serve: e4m3 weights with a
+float32 *_scale_inv per 128x128 block (scale = block amax / 448, rounded to nearest even), and
+config.json with the release's quantization_config.
+
+Quantised: the 2-D projections of attention and MLP (the MTP layer's too). As they were: norms, the
+router gate, e_score_correction_bias (float32), embeddings, the head, the MTP eh_proj. --like
+RELEASE_DIR takes that choice, the shard names and quantization_config from the release's own
+files, and keeps the release's scale_inv for every block whose weights are unchanged: a checkpoint
+that went FP8 -> fp8-bf16 -> bf16-fp8 is the release again, byte for byte in every tensor.
+
+Safe to re-run: shards are written to DST/.bf16-fp8/ and renamed when complete; after a kill the
+same command skips finished shards and the result is byte-identical. The index is written last.
+"""
+
 HF_MCORE_HELP = """\
 Write a Megatron-Core torch_dist checkpoint (the format verl loads with use_dist_checkpointing)
 straight from a HF checkpoint, BF16 or FP8 (dequantised on the fly, same bits as fp8-bf16).
@@ -41,7 +57,8 @@ for, so that each rank reads only its own bytes at load.
 MCORE_HF_HELP = """\
 Export a Megatron-Core torch_dist checkpoint of a DeepSeek-V3-class model to HF safetensors shards
 with an index; config.json and tokenizer files come from --hf-config. Tensors keep their stored
-dtype; memory stays near the largest tensor.
+dtype (BF16), or with --fp8 the projections are written in DeepSeek's FP8 release format, ready to
+serve (as `convert bf16-fp8` would make of the BF16 export); memory stays near the largest tensor.
 
 Safe to re-run: shards are written to DST/.mcore-hf/ and renamed when complete; after a kill the
 same command skips finished shards and the result is byte-identical. The index is written last,
@@ -137,6 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     cast.add_argument("--batch-mb", type=_positive, default=512, help="FP8 bytes dequantised per batch (default 512)")
     _write_limit(cast)
     _output_flags(cast)
+    quant = commands.add_parser(
+        "bf16-fp8",
+        help="BF16 HF checkpoint -> DeepSeek's FP8 release format (e4m3 + 128x128 scale_inv), for serving",
+        description=BF16_FP8_HELP,
+        epilog=PARTS_EXIT_CODES + "\nexamples:\n  convert bf16-fp8 --src step100-hf --dst step100-fp8\n"
+        "  convert bf16-fp8 --src step100-hf --dst step100-fp8 --like /models/DeepSeek-V3-0324\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _paths(quant, "HF dir of BF16 safetensors with config.json (DeepSeek-V3/R1, Kimi-K2, Moonlight, V2-Lite)",
+           "output dir: new, empty, or an interrupted run of the same command")
+    quant.add_argument("--like", type=Path, default=None, metavar="RELEASE_DIR",
+                       help="the FP8 release the model came from: its choice of tensors, shard names, quantization_config, "
+                       "and its scales where the weights are unchanged (only its index, headers and scales are read)")
+    quant.add_argument("--drop-mtp", action="store_true", help="leave the MTP layers out, set num_nextn_predict_layers 0")
+    quant.add_argument("--device", default="auto", help="auto (CUDA if visible), cuda, cuda:N or cpu (same bits on each)")
+    quant.add_argument("--workers", type=_positive, default=1, help="processes: one per GPU, or CPU workers (default 1)")
+    quant.add_argument("--shard", type=_shard_spec, default=(0, 1), metavar="I/N", help="convert part I of N (machines sharing a filesystem)")
+    quant.add_argument("--batch-mb", type=_positive, default=512, help="BF16 bytes quantised per batch (default 512)")
+    _write_limit(quant)
+    _output_flags(quant)
     mcore = commands.add_parser(
         "hf-mcore",
         help="HF checkpoint (BF16 or FP8) -> Megatron-Core torch_dist checkpoint, one process, bounded memory",
@@ -183,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hf-config", type=Path, required=True, help="HF dir whose config.json and tokenizer describe the model")
     export.add_argument("--dst", type=Path, required=True, help="output dir: new, empty, or an interrupted export of the same command")
     export.add_argument("--workers", type=_positive, default=1, help="processes writing shards in parallel")
+    export.add_argument("--fp8", action="store_true",
+                        help="write DeepSeek's FP8 release format, the one vLLM and SGLang serve (see `convert bf16-fp8 --help`)")
+    export.add_argument("--like", type=Path, default=None, metavar="RELEASE_DIR",
+                        help="with --fp8: the release the model came from (its choice of tensors, shard names, quantization_config; "
+                        "its scales where the weights are unchanged)")
+    export.add_argument("--device", default="cpu", help="where --fp8 quantises: cpu (default), cuda, cuda:N, auto (same bits on each)")
     _output_flags(export)
     data = _data_command(
         commands, "math-lighteval",
@@ -228,6 +271,14 @@ def run_fp8_bf16(args: argparse.Namespace) -> int:
     return cast_command(args.src, args.dst, options, verify=args.verify, as_json=args.json, quiet=args.quiet)
 
 
+def run_bf16_fp8(args: argparse.Namespace) -> int:
+    from converters.fp8.cast import run_command
+    from converters.fp8.quant_plan import QuantOptions, plan_quantise
+
+    options = QuantOptions(like=args.like, drop_mtp=args.drop_mtp, batch_bytes=args.batch_mb * 1024 * 1024, **_job_fields(args))
+    return run_command(plan_quantise(args.src, args.dst, options), verify=False, as_json=args.json, quiet=args.quiet)
+
+
 def _alignment(args: argparse.Namespace) -> tuple[int | None, int | None]:
     """(TP, ETP) from --align-tp/--align-etp or --recipe; raises ValueError for people."""
     if args.recipe is None:
@@ -262,10 +313,12 @@ def run_hf_mcore(args: argparse.Namespace) -> int:
 
 
 def run_mcore_hf(args: argparse.Namespace) -> int:
-    from converters.jobs.options import JobOptions
-    from converters.mcore.to_hf import export_command
+    from converters.mcore.to_hf import ExportOptions, export_command
 
-    options = JobOptions(workers=args.workers, overwrite=args.overwrite)
+    if args.like is not None and not args.fp8:
+        print("convert mcore-hf: error: --like is for --fp8 (the release whose FP8 layout to write)", file=sys.stderr)
+        return 2
+    options = ExportOptions(workers=args.workers, overwrite=args.overwrite, device=args.device, fp8=args.fp8, like=args.like)
     return export_command(args.src, args.hf_config, args.dst, options, as_json=args.json, quiet=args.quiet)
 
 
@@ -281,7 +334,7 @@ def run_prompts(args: argparse.Namespace) -> int:
     return prompts_command(args.src, args.dst, args.data_source, args.ability, as_json=args.json)
 
 
-COMMANDS = {"fp8-bf16": run_fp8_bf16, "hf-mcore": run_hf_mcore, "mcore-hf": run_mcore_hf, "math-lighteval": run_math_lighteval,
+COMMANDS = {"fp8-bf16": run_fp8_bf16, "bf16-fp8": run_bf16_fp8, "hf-mcore": run_hf_mcore, "mcore-hf": run_mcore_hf, "math-lighteval": run_math_lighteval,
             "prompts": run_prompts}
 
 

@@ -72,8 +72,13 @@ def _member_indent(text: str, members: list[Member]) -> str:
     return "\n  "
 
 
-def _dump_like(value: Any, text: str) -> str:
+def _dump_like(value: Any, text: str, members: list[Member] | None = None) -> str:
+    """`value` as the file writes its values: compact, on one line, or (an object or array in an indented file,
+    as transformers writes config.json) spread over lines at the file's indent."""
     compact = ": " not in text and ", " not in text and "\n" not in text.strip()
+    indent = _member_indent(text, members or []).lstrip("\r\n") if "\n" in text.strip() else ""
+    if isinstance(value, (dict, list)) and value and indent and indent.strip(" ") == "":
+        return json.dumps(value, ensure_ascii=False, indent=len(indent)).replace("\n", "\n" + indent)
     return json.dumps(value, ensure_ascii=False, separators=(",", ":") if compact else (", ", ": "))
 
 
@@ -94,7 +99,7 @@ def remove_key(text: str, key: str) -> str:
 def set_key(text: str, key: str, value: Any) -> str:
     """Set top-level `key` to `value`: the value text is replaced in place, or the member appended."""
     members = top_level_members(text)
-    encoded = _dump_like(value, text)
+    encoded = _dump_like(value, text, members)
     for member in members:
         if member.key == key:
             return text[: member.value_start] + encoded + text[member.value_end :]
@@ -114,12 +119,15 @@ class ConfigEdit:
     drop_quantization: bool = True
     disable_mtp: bool = True
     dtype: str | None = None
+    quantization: dict[str, Any] | None = None  # set quantization_config to this (an FP8 export), instead of dropping it
 
     def changes(self, config: dict[str, Any]) -> list[str]:
         """Human-readable list of what `apply` would change in this parsed config."""
         found = []
         if self.drop_quantization and "quantization_config" in config:
             found.append("remove quantization_config")
+        if self.quantization is not None and config.get("quantization_config") != self.quantization:
+            found.append("set quantization_config")
         mtp = config.get("num_nextn_predict_layers")
         if self.disable_mtp and mtp not in (None, 0):
             found.append(f"num_nextn_predict_layers: {mtp} -> 0")
@@ -135,6 +143,8 @@ class ConfigEdit:
         config = json.loads(text)
         if self.drop_quantization and "quantization_config" in config:
             text = remove_key(text, "quantization_config")
+        if self.quantization is not None and config.get("quantization_config") != self.quantization:
+            text = set_key(text, "quantization_config", self.quantization)
         if self.disable_mtp and config.get("num_nextn_predict_layers") not in (None, 0):
             text = set_key(text, "num_nextn_predict_layers", 0)
         if self.dtype is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from atomicio import atomic_copy, atomic_write_bytes
-from converters.fp8.plan import FINISHED_FILE, STATE_DIR, CastOptions, CastPlan, plan_cast, shard_is_done
+from converters.fp8.plan import CastOptions, CastPlan, plan_cast, shard_is_done
 from converters.fp8.shard import ShardWriter
 from converters.fp8.verify import verify_cast
 from converters.jobs.lifecycle import Job, ProgressFactory, run_job
@@ -38,6 +38,7 @@ class CastSummary:
     finalized: bool = False
     dst: str = ""
     verify: dict[str, int] | None = None
+    notes: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -73,13 +74,11 @@ class CastJob(Job):
 
     @property
     def state_dir(self) -> Path:
-        return self.plan.dst / STATE_DIR
+        return self.plan.state_dir
 
     @property
     def finished_mark(self) -> Path:
-        # what this output was made from, so a later run into the same dir never takes another source's
-        # same-shaped output for its own
-        return self.plan.dst / FINISHED_FILE
+        return self.plan.finished_mark
 
     def item_sizes(self) -> list[int]:
         return [shard.output_size for shard in self.plan.shards]
@@ -113,10 +112,10 @@ class CastJob(Job):
         if plan.config_out is not None:
             atomic_write_bytes(plan.dst / "config.json", plan.config_out.encode("utf-8"))
         if plan.has_index:
-            weight_map = {job.output.name: shard.name for shard in plan.shards for job in shard.jobs}
+            outputs = [(output, shard.name) for shard in plan.shards for job in shard.jobs for output in job.outputs]
             index = {
-                "metadata": {**plan.index_metadata, "total_size": sum(job.output.nbytes for s in plan.shards for job in s.jobs)},
-                "weight_map": dict(sorted(weight_map.items())),
+                "metadata": {**plan.index_metadata, "total_size": sum(output.nbytes for output, _ in outputs)},
+                "weight_map": dict(sorted((output.name, shard) for output, shard in outputs)),
             }
             atomic_write_bytes(plan.dst / INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
 
@@ -128,8 +127,8 @@ def run_cast(plan: CastPlan, progress_factory: ProgressFactory | None = None) ->
                           stage_seconds=result.stage_seconds)
     for shard in (plan.shards[index] for index in result.written):
         summary.shards_converted += 1
-        summary.tensors += len(shard.jobs)
-        summary.fp8_tensors += sum(job.scale is not None for job in shard.jobs)
+        summary.tensors += sum(job.output is not None for job in shard.jobs)  # a scale_inv alone is its weight's
+        summary.fp8_tensors += sum(job.output is not None and (job.scale is not None or job.quantise) for job in shard.jobs)
         summary.bytes_in += shard.input_bytes
         summary.bytes_out += shard.output_size
     summary.seconds = result.seconds
@@ -138,14 +137,21 @@ def run_cast(plan: CastPlan, progress_factory: ProgressFactory | None = None) ->
 
 def cast_command(src: Path, dst: Path, options: CastOptions, verify: bool, as_json: bool, quiet: bool) -> int:
     """`convert fp8-bf16`: plan, run with progress, optionally verify, print; 0 done, 1 this part done."""
-    plan = plan_cast(src, dst, options)
-    with Progress("fp8->bf16", quiet=quiet or as_json) as progress:
+    return run_command(plan_cast(src, dst, options), verify, as_json, quiet)
+
+
+def run_command(plan: CastPlan, verify: bool, as_json: bool, quiet: bool) -> int:
+    """Run a planned fp8-bf16 or bf16-fp8 with progress, optionally verify, print; 0 done, 1 this part done."""
+    with Progress(plan.tool.replace("-", "->"), quiet=quiet or as_json) as progress:
         summary = run_cast(plan, progress.start)
     if verify and summary.finalized:
         summary.verify = verify_cast(plan)
+    summary.notes = plan.notes
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
     else:
+        for note in plan.notes:
+            print(note)
         print(
             f"{summary.shards_converted} shard(s) converted, {summary.shards_skipped} already done; "
             f"{summary.tensors} tensors ({summary.fp8_tensors} FP8); {summary.bytes_in / 1e9:.2f} GB in, "

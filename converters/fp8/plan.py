@@ -6,12 +6,11 @@ dequantised from a weight and its scale), the files copied as they are, and the 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converters.hf.checkpoint import SCALE_SUFFIX
-from converters.hf.safetensors_io import OutputTensor, encode_header, order_for_writing
+from converters.hf.checkpoint import SCALE_SUFFIX, layer_index
+from converters.hf.safetensors_io import OutputTensor, encode_header, file_offsets, order_for_writing
 from converters.jobs.options import JobOptions
 from converters.preflight import read_config
 from kernels.fp8 import DEFAULT_BLOCK, scale_shape
@@ -21,8 +20,7 @@ from toolkit.safetensors_index import INDEX_NAME, SafetensorsError, ShardHeader,
 
 STATE_DIR = ".fp8-bf16"
 FINISHED_FILE = ".fp8-bf16-source.json"  # kept: the identity of a finished output
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_SKIP_DIRS = {".git", ".cache", STATE_DIR}
+SKIP_DIRS = {".git", ".cache", STATE_DIR, ".bf16-fp8"}  # never copied: other tools' state
 
 
 class CastError(ConvertError):
@@ -38,32 +36,51 @@ class CastOptions(JobOptions):
 
 @dataclass(frozen=True)
 class TensorJob:
-    """How one output tensor is made: copied, or dequantised from a weight and its scale."""
+    """How one source tensor is written: copied, dequantised with its scale, or quantised. A quantised weight
+    writes its e4m3 codes (`output`) and its `scale_output` (scale_inv), one of them None when a release
+    (--like) keeps that one in another shard; `prior` is the release's scale_inv, kept where it still fits."""
 
-    output: OutputTensor
+    output: OutputTensor | None
     source: TensorInfo
     source_path: Path
     scale: TensorInfo | None = None
     scale_path: Path | None = None
+    quantise: bool = False
+    scale_output: OutputTensor | None = None
+    prior: TensorInfo | None = None
+    prior_path: Path | None = None
+
+    @property
+    def outputs(self) -> tuple[OutputTensor, ...]:
+        return tuple(output for output in (self.output, self.scale_output) if output is not None)
 
     @property
     def input_bytes(self) -> int:
-        return self.source.nbytes + (self.scale.nbytes if self.scale else 0)
+        return self.source.nbytes + sum(info.nbytes for info in (self.scale, self.prior) if info is not None)
 
 
 @dataclass
 class ShardJob:
     name: str
-    jobs: list[TensorJob]
+    jobs: list[TensorJob]  # in the order their first output sits in the file
     header: bytes
+    offsets: dict[str, int]  # output tensor -> where its bytes start in the file
 
     @property
     def output_size(self) -> int:
-        return len(self.header) + sum(job.output.nbytes for job in self.jobs)
+        return len(self.header) + sum(output.nbytes for job in self.jobs for output in job.outputs)
 
     @property
     def input_bytes(self) -> int:
         return sum(job.input_bytes for job in self.jobs)
+
+
+def make_shard(name: str, jobs: list[TensorJob]) -> ShardJob:
+    """The shard's exact header and layout (wider dtypes first, then by name) and its jobs in file order."""
+    outputs = order_for_writing([output for job in jobs for output in job.outputs])
+    header = encode_header(outputs)
+    offsets = file_offsets(header, outputs)
+    return ShardJob(name, sorted(jobs, key=lambda job: offsets[job.outputs[0].name]), header, offsets)
 
 
 @dataclass
@@ -78,11 +95,22 @@ class CastPlan:
     copies: list[Path]  # other files of the source, relative to it, copied as they are
     options: CastOptions
     identity: dict[str, object] = field(default_factory=dict)
+    tool: str = "fp8-bf16"  # the command: fp8-bf16 dequantises, bf16-fp8 quantises
+    notes: list[str] = field(default_factory=list)  # one line each, printed with the summary (tensors skipped and why)
 
+    @property
+    def state_dir(self) -> Path:
+        return self.dst / f".{self.tool}"
 
-def layer_index(name: str) -> int | None:
-    match = _LAYER.search(name)
-    return int(match.group(1)) if match else None
+    @property
+    def finished_mark(self) -> Path:
+        # what this output was made from, so a later run into the same dir never takes another source's
+        # same-shaped output for its own
+        return self.dst / f".{self.tool}-source.json"
+
+    @property
+    def kernel_stage(self) -> str:
+        return "dequant" if self.tool == "fp8-bf16" else "quant"
 
 
 def _block_size(config: dict[str, object], path: Path) -> tuple[int, int]:
@@ -101,12 +129,12 @@ def _output_config(config_text: str, path: Path, drop_mtp: bool) -> str:
         raise CastError(f"{path}: {exc}") from exc
 
 
-def _files_to_copy(src: Path, shard_names: set[str]) -> list[Path]:
+def files_to_copy(src: Path, shard_names: set[str]) -> list[Path]:
     """Every file of the source but the shards, the index and config.json (which are written anew)."""
     copies = []
     for path in sorted(src.rglob("*")):
         relative = path.relative_to(src)
-        if relative.parts[0] in _SKIP_DIRS or str(relative) in shard_names | {INDEX_NAME, "config.json"}:
+        if relative.parts[0] in SKIP_DIRS or str(relative) in shard_names | {INDEX_NAME, "config.json"}:
             continue
         if not path.is_dir():  # a broken link is kept here, so that the preflight names it
             copies.append(relative)
@@ -152,7 +180,7 @@ def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
         "shards": {name: [h.file_size, (src / name).stat().st_mtime_ns] for name, h in headers.items()},
     }
     config_out = None if config_text is None else _output_config(config_text, config_path, options.drop_mtp)
-    copies = _files_to_copy(src, set(headers))
+    copies = files_to_copy(src, set(headers))
     return CastPlan(src, dst, shards, block, (src / INDEX_NAME).is_file(), index_metadata, config_out, copies, options, identity)
 
 
@@ -192,9 +220,7 @@ def _plan_shard(
             )
             continue
         jobs.append(TensorJob(OutputTensor(info.name, "BF16", info.shape), info, header.path, scale, headers[scale_shard].path))
-    order = {t.name: i for i, t in enumerate(order_for_writing([job.output for job in jobs]))}
-    jobs.sort(key=lambda job: order[job.output.name])
-    return ShardJob(name, jobs, encode_header([job.output for job in jobs]))
+    return make_shard(name, jobs)
 
 
 def shard_is_done(dst: Path, shard: ShardJob) -> bool:

@@ -1,4 +1,4 @@
-"""One shard of `convert fp8-bf16`: read, dequantise and write overlapping, renamed into place when complete.
+"""One shard of `convert fp8-bf16` or `bf16-fp8`: read, (de)quantise and write overlapping, renamed into place when complete.
 
 A reader thread, the dequantisation and the writer overlap; the output goes to a temp file under
 DST/.fp8-bf16/ named with host and pid (so parts on other machines never remove each other's work)
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from atomicio import AtomicFile
-from converters.fp8.plan import STATE_DIR, CastError, CastPlan, ShardJob, TensorJob
-from converters.hf.checkpoint import dequantise
+from converters.fp8.plan import CastError, CastPlan, ShardJob, TensorJob
+from converters.hf.checkpoint import dequantise, quantise
 from converters.hf.safetensors_io import read_tensor, tensor_bytes
 from converters.jobs.claim import temp_path
 from converters.jobs.lifecycle import ItemWriter, Report
@@ -66,8 +66,8 @@ def convert_shard(
     shard; the returned future says when (and whether) the shard landed. Also returns each stage's
     busy seconds: the stage whose time is close to the total is the bottleneck.
     """
-    target = AtomicFile(plan.dst / shard.name, tmp_path=temp_path(plan.dst / STATE_DIR, shard.name))
-    busy = {"read": 0.0, "dequant": 0.0, "write": 0.0, "fsync": 0.0}
+    target = AtomicFile(plan.dst / shard.name, tmp_path=temp_path(plan.state_dir, shard.name))
+    busy = {"read": 0.0, plan.kernel_stage: 0.0, "write": 0.0, "fsync": 0.0}
     errors: list[BaseException] = []
     batches: queue.Queue = queue.Queue()
     loaded: queue.Queue = queue.Queue(maxsize=2)
@@ -80,29 +80,40 @@ def convert_shard(
 
     def load(batch: list[TensorJob]) -> list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]:
         start = time.perf_counter()
-        items = [
-            (job, read(job.source_path, job.source), read(job.scale_path, job.scale) if job.scale else None)
-            for job in batch
-        ]
+        items = []
+        for job in batch:
+            weight = read(job.source_path, job.source)
+            side = job.scale or job.prior  # the source's scale_inv (dequantise) or the release's (quantise --like)
+            side_path = job.scale_path or job.prior_path
+            items.append((job, weight, read(side_path, side) if side is not None else None))
         busy["read"] += time.perf_counter() - start
         return items
 
-    def dequantise_batch(items: list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]) -> list[tuple[TensorJob, torch.Tensor]]:
+    def convert_batch(items: list[tuple[TensorJob, torch.Tensor, torch.Tensor | None]]) -> list[tuple[TensorJob, list[torch.Tensor]]]:
+        """Each job's output tensors: the source as read, dequantised, or quantised (codes and/or scale_inv)."""
         start = time.perf_counter()
-        fp8 = [(job, weight, scale) for job, weight, scale in items if scale is not None]
-        results = {}
-        if fp8:
-            try:
-                outs = dequantise([weight for _, weight, _ in fp8], [scale for _, _, scale in fp8], plan.block, device)
-            except FP8FormatError as exc:
-                raise CastError(f"{shard.name}: {exc}") from exc
-            results = {job.output.name: out for (job, _, _), out in zip(fp8, outs, strict=True)}
-        busy["dequant"] += time.perf_counter() - start
-        return [(job, results.get(job.output.name, weight)) for job, weight, _ in items]
+        results: list[list[torch.Tensor]] = [[weight] for _, weight, _ in items]
+        fp8 = [i for i, (job, _, _) in enumerate(items) if job.scale is not None]
+        quant = [i for i, (job, _, _) in enumerate(items) if job.quantise]
+        try:
+            if fp8:
+                outs = dequantise([items[i][1] for i in fp8], [items[i][2] for i in fp8], plan.block, device)
+                for i, out in zip(fp8, outs, strict=True):
+                    results[i] = [out]
+            if quant:
+                pairs = quantise([items[i][1] for i in quant], plan.block, device, [items[i][2] for i in quant],
+                                 [items[i][0].source.name for i in quant])
+                for i, pair in zip(quant, pairs, strict=True):
+                    job = items[i][0]
+                    results[i] = [tensor for tensor, output in zip(pair, (job.output, job.scale_output), strict=True) if output is not None]
+        except FP8FormatError as exc:
+            raise CastError(f"{shard.name}: {exc}") from exc
+        busy[plan.kernel_stage] += time.perf_counter() - start
+        return [(job, tensors) for (job, _, _), tensors in zip(items, results, strict=True)]
 
     threads = [
         threading.Thread(target=_produce, args=(load, batches, loaded, errors), daemon=True),
-        threading.Thread(target=_produce, args=(dequantise_batch, loaded, converted, errors), daemon=True),
+        threading.Thread(target=_produce, args=(convert_batch, loaded, converted, errors), daemon=True),
     ]
     try:
         target.write(shard.header)
@@ -116,10 +127,11 @@ def convert_shard(
             if errors:
                 continue
             start = time.perf_counter()
-            for job, tensor in done:
-                target.write(tensor_bytes(tensor))
+            for job, tensors in done:
+                for output, tensor in zip(job.outputs, tensors, strict=True):
+                    target.write_at(shard.offsets[output.name], tensor_bytes(tensor))
+                    throttle.wrote(output.nbytes)
                 progress(job.input_bytes)
-                throttle.wrote(job.output.nbytes)
             busy["write"] += time.perf_counter() - start
         for thread in threads:
             thread.join()
@@ -153,7 +165,7 @@ class ShardWriter(ItemWriter):
         self.plan = plan
         self.device = device
         overlap = plan.options.workers <= 1
-        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fp8-bf16-fsync") if overlap else None
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{plan.tool}-fsync") if overlap else None
         self.landing: Future | None = None
         self.seconds: dict[str, float] = {}
 

@@ -2,23 +2,48 @@
 
 `dequantise` is the one FP8 path of the converters: `convert fp8-bf16` (in batches, per shard) and
 this reader (per tensor, for `convert hf-mcore`) both hand it the e4m3 bytes and scale_inv they read.
+`quantise`, its inverse, is the one path of `convert bf16-fp8` and `convert mcore-hf --fp8`.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from converters.hf.buffers import BufferPool
+from converters.hf.release import SCALE_SUFFIX
 from converters.hf.safetensors_io import DTYPES, read_tensor
 from converters.preflight import read_config
-from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks_batched
+from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks_batched, quant_fp8_blocks_batched
 from toolkit.errors import ConvertError
 from toolkit.safetensors_index import SafetensorsError, TensorInfo, load_index, read_header
 
-SCALE_SUFFIX = "_scale_inv"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (model.layers.N. ...), or None."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def beyond_declared_layers(shapes: dict, config: dict, drop_mtp: bool) -> tuple[set[str], list[str]]:
+    """config.json is the model: tensors of layers at or beyond num_hidden_layers + num_nextn_predict_layers
+    (the MTP layers a patched config.json or --drop-mtp leaves out) are skipped, with one line saying so."""
+    layers = config["num_hidden_layers"]
+    mtp = 0 if drop_mtp else (config.get("num_nextn_predict_layers") or 0)
+    skipped = {name for name in shapes if (layer_index(name) or 0) >= layers + mtp}
+    if not skipped:
+        return skipped, []
+    which = sorted({layer_index(name) for name in skipped})
+    named = f"layer{'s' if len(which) > 1 else ''} {', '.join(map(str, which))}"
+    why = "--drop-mtp" if drop_mtp and config.get("num_nextn_predict_layers") else \
+        f"config.json declares {'no' if mtp == 0 else mtp} MTP layer{'s' if mtp > 1 else ''}"
+    return skipped, [f"{why}: {len(skipped)} tensors of {named} skipped"]
+
 
 
 def row_range(info: TensorInfo, start: int, stop: int) -> TensorInfo:
@@ -43,6 +68,26 @@ def dequantise(weights: list[torch.Tensor], scales: list[torch.Tensor], block: t
     hosts = outs if outs is not None else [torch.empty(out.shape, dtype=out.dtype, pin_memory=True) for out in on_device]
     for host, out in zip(hosts, on_device, strict=True):
         host.copy_(out, non_blocking=True)
+    torch.cuda.current_stream(device).synchronize()
+    return hosts
+
+
+def quantise(weights: list[torch.Tensor], block: tuple[int, int], device: torch.device,
+             priors: list[torch.Tensor | None] | None = None, names: list[str] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(e4m3 codes, float32 scale_inv) host tensors from BF16 (or float32) host weights, quantised on `device` as one
+    batch by the release's recipe; a `priors` entry (the release's scale_inv) is kept for every block it still
+    reproduces exactly. Raises kernels.fp8.FP8FormatError naming the tensor and position of a NaN or Inf."""
+    if device.type == "cpu":
+        return quant_fp8_blocks_batched(weights, block, prior_scales=priors, names=names)
+    moved = [None if prior is None else prior.to(device, non_blocking=True) for prior in priors or [None] * len(weights)]
+    on_device = quant_fp8_blocks_batched([weight.to(device, non_blocking=True) for weight in weights], block,
+                                         prior_scales=moved, names=names)
+    hosts = []
+    for codes, scale in on_device:
+        host = (torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True), torch.empty(scale.shape, dtype=scale.dtype, pin_memory=True))
+        host[0].copy_(codes, non_blocking=True)
+        host[1].copy_(scale, non_blocking=True)
+        hosts.append(host)
     torch.cuda.current_stream(device).synchronize()
     return hosts
 

@@ -80,6 +80,15 @@ def encode_header(tensors: list[OutputTensor], metadata: dict[str, str] | None =
     return struct.pack("<Q", len(raw)) + raw
 
 
+def file_offsets(header: bytes, tensors: list[OutputTensor]) -> dict[str, int]:
+    """Where each tensor's bytes start in a file made of `header` then `tensors` in that order."""
+    offsets, offset = {}, len(header)
+    for tensor in tensors:
+        offsets[tensor.name] = offset
+        offset += tensor.nbytes
+    return offsets
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
     flat = tensor.contiguous().view(-1).view(torch.uint8)

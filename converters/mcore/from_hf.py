@@ -20,7 +20,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata
 
 from converters.hf.buffers import BufferPool
-from converters.hf.checkpoint import HFCheckpoint, SourceError
+from converters.hf.checkpoint import HFCheckpoint, SourceError, beyond_declared_layers
 from converters.jobs.lifecycle import ItemWriter, Job, ProgressFactory, Report, run_job
 from converters.jobs.options import JobOptions
 from converters.jobs.progress import Progress
@@ -193,26 +193,6 @@ def plan_conversion(src: Path, dst: Path, options: McoreOptions) -> McorePlan:
         facts["align_tp_etp"] = list(options.alignment)
     return McorePlan(src, dst, options, make_bins(pieces, options.bin_bytes), metadata, facts, len(mapping.tensors),
                      len(mapping.objects), notes)
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() else None
-
-
-def beyond_declared_layers(shapes: dict, config: dict, drop_mtp: bool) -> tuple[set[str], list[str]]:
-    """config.json is the model: tensors of layers at or beyond num_hidden_layers + num_nextn_predict_layers
-    (the MTP layers a patched config.json or --drop-mtp leaves out) are skipped, with one line saying so."""
-    layers = config["num_hidden_layers"]
-    mtp = 0 if drop_mtp else (config.get("num_nextn_predict_layers") or 0)
-    skipped = {name for name in shapes if (_layer_of(name) or 0) >= layers + mtp}
-    if not skipped:
-        return skipped, []
-    which = sorted({_layer_of(name) for name in skipped})
-    named = f"layer{'s' if len(which) > 1 else ''} {', '.join(map(str, which))}"
-    why = "--drop-mtp" if drop_mtp and config.get("num_nextn_predict_layers") else \
-        f"config.json declares {'no' if mtp == 0 else mtp} MTP layer{'s' if mtp > 1 else ''}"
-    return skipped, [f"{why}: {len(skipped)} tensors of {named} skipped"]
 
 
 def _chunk_reader(source: HFCheckpoint, buffers: BufferPool | None = None) -> Callable[[Chunk], torch.Tensor]:

@@ -16,7 +16,7 @@ in a HF name stacks the routed experts along a leading expert axis. Those are th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +95,7 @@ class Param:
     extra_state: ExtraState | None = None
     float32: bool = False  # stored as float32 (everything else is bf16)
     copy_of: tuple[str, ...] = ()  # not written: the HF tensor is a copy of the first of these the model has
+    fp8: bool = False  # DeepSeek's FP8 release stores it as e4m3 with a float32 scale_inv per 128x128 block
 
     def mcore(self, spec: str) -> str | None:
         return self.local if spec == "local" and self.local else self.te
@@ -130,36 +131,36 @@ LAYER_PARAMS: tuple[Param, ...] = (
           layers=DENSE),
     Param(("post_attention_layernorm.weight",), "pre_mlp_layernorm.weight", shape=("hidden_size",), layers=MOE, extra_state=te_norm(9)),
     Param(("self_attn.q_a_proj.weight",), "self_attention.linear_q_down_proj.weight", shape=("q_lora_rank", "hidden_size"), tp=COLUMN,
-          when=has_q_lora, required=False, extra_state=ExtraState(3)),
+          when=has_q_lora, required=False, extra_state=ExtraState(3), fp8=True),
     Param(("self_attn.q_a_layernorm.weight",), "self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.q_layernorm.weight",
           shape=("q_lora_rank",), when=has_q_lora, required=False),
     Param(("self_attn.q_b_proj.weight",), "self_attention.linear_q_up_proj.weight", shape=("q_heads", "q_lora_rank"), tp=COLUMN,
-          when=has_q_lora, required=False, extra_state=ExtraState(4)),
+          when=has_q_lora, required=False, extra_state=ExtraState(4), fp8=True),
     Param(("self_attn.q_proj.weight",), "self_attention.linear_q_proj.weight", shape=("q_heads", "hidden_size"), tp=COLUMN,
-          when=has_q_proj, required=False, extra_state=ExtraState(5)),
+          when=has_q_proj, required=False, extra_state=ExtraState(5), fp8=True),
     Param(("self_attn.kv_a_proj_with_mqa.weight",), "self_attention.linear_kv_down_proj.weight", shape=("kv_lora_rank+rope", "hidden_size"),
-          tp=COLUMN, extra_state=ExtraState(1)),
+          tp=COLUMN, extra_state=ExtraState(1), fp8=True),
     Param(("self_attn.kv_a_layernorm.weight",), "self_attention.linear_kv_up_proj.layer_norm_weight", "self_attention.kv_layernorm.weight",
           shape=("kv_lora_rank",)),
     Param(("self_attn.kv_b_proj.weight",), "self_attention.linear_kv_up_proj.weight", shape=("kv_heads", "kv_lora_rank"), tp=COLUMN,
-          extra_state=ExtraState(2)),
-    Param(("self_attn.o_proj.weight",), "self_attention.linear_proj.weight", shape=("hidden_size", "o_in"), tp=ROW, extra_state=ExtraState(0)),
+          extra_state=ExtraState(2), fp8=True),
+    Param(("self_attn.o_proj.weight",), "self_attention.linear_proj.weight", shape=("hidden_size", "o_in"), tp=ROW, extra_state=ExtraState(0), fp8=True),
     # SwiGLU: mcore's linear_fc1 is cat(gate, up) whatever the TP; TP splits each half on its own
     Param(("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.linear_fc1.weight", shape=("intermediate_size", "hidden_size"), tp=COLUMN, layers=DENSE,
-          extra_state=ExtraState(6)),
-    Param(("mlp.down_proj.weight",), "mlp.linear_fc2.weight", shape=("hidden_size", "intermediate_size"), tp=ROW, layers=DENSE, extra_state=ExtraState(7)),
+          extra_state=ExtraState(6), fp8=True),
+    Param(("mlp.down_proj.weight",), "mlp.linear_fc2.weight", shape=("hidden_size", "intermediate_size"), tp=ROW, layers=DENSE, extra_state=ExtraState(7), fp8=True),
     Param(("mlp.gate.weight",), "mlp.router.weight", shape=("n_routed_experts", "hidden_size"), layers=MOE),
     Param(("mlp.gate.e_score_correction_bias",), "mlp.router.expert_bias", shape=("n_routed_experts",), layers=MOE, when=has_expert_bias,
           float32=True),
     Param(("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"), "mlp.shared_experts.linear_fc1.weight",
-          shape=("shared", "hidden_size"), tp=COLUMN, layers=MOE, when=has_shared_experts, extra_state=ExtraState(6)),
+          shape=("shared", "hidden_size"), tp=COLUMN, layers=MOE, when=has_shared_experts, extra_state=ExtraState(6), fp8=True),
     Param(("mlp.shared_experts.down_proj.weight",), "mlp.shared_experts.linear_fc2.weight", shape=("hidden_size", "shared"), tp=ROW,
-          layers=MOE, when=has_shared_experts, extra_state=ExtraState(7)),
+          layers=MOE, when=has_shared_experts, extra_state=ExtraState(7), fp8=True),
     # routed experts: one tensor per projection, expert axis first; one extra-state object per expert
     Param(("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "mlp.experts.experts.linear_fc1.weight",
-          shape=("moe_intermediate_size", "hidden_size"), tp=COLUMN, layers=MOE, extra_state=ExtraState(10)),
+          shape=("moe_intermediate_size", "hidden_size"), tp=COLUMN, layers=MOE, extra_state=ExtraState(10), fp8=True),
     Param(("mlp.experts.{e}.down_proj.weight",), "mlp.experts.experts.linear_fc2.weight", shape=("hidden_size", "moe_intermediate_size"), tp=ROW,
-          layers=MOE, extra_state=ExtraState(11)),
+          layers=MOE, extra_state=ExtraState(11), fp8=True),
 )
 
 MTP_PARAMS: tuple[Param, ...] = (
@@ -195,25 +196,33 @@ def hf_shape(param: Param, sizes: dict[str, int | None]) -> tuple[int, ...]:
     return tuple(sizes[dim] for dim in param.shape)
 
 
-def hf_tensor_shapes(config: dict[str, Any], mtp_layers: int) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name and shape a DeepSeek-V3-class model of this config has (MTP layers: `mtp_layers`)."""
-    sizes = dims(config)
+def hf_tensors(config: dict[str, Any], mtp_layers: int) -> Iterator[tuple[str, Param]]:
+    """Every HF tensor name a DeepSeek-V3-class model of this config has (MTP layers: `mtp_layers`), with its entry."""
     layers = config["num_hidden_layers"]
-    shapes = {name: hf_shape(param, sizes) for param in GLOBAL_PARAMS if param.applies(config) for name in param.hf}
+    experts = config.get("n_routed_experts") or 0
+    yield from ((name, param) for param in GLOBAL_PARAMS if param.applies(config) for name in param.hf)
     moe = moe_layer_freq(config) + [1] * mtp_layers  # DeepSeek-V3's MTP layer is a MoE layer
     for i in range(layers + mtp_layers):
         prefix = f"model.layers.{i}."
         params = [param for param in layer_params(MOE if moe[i] else DENSE) if param.applies(config)]
-        for param in params:
-            if not param.stacked:
-                shapes.update((prefix + name, hf_shape(param, sizes)) for name in param.hf)
+        yield from ((prefix + name, param) for param in params if not param.stacked for name in param.hf)
         # HF keeps each expert as a module: its projections are listed expert by expert
-        for e in range(sizes["n_routed_experts"] if moe[i] else 0):
-            for param in (param for param in params if param.stacked):
-                shapes.update((prefix + name.format(e=e), hf_shape(param, sizes)) for name in param.hf)
+        for e in range(experts if moe[i] else 0):
+            yield from ((prefix + name.format(e=e), param) for param in params if param.stacked for name in param.hf)
         if i >= layers:
-            shapes.update((prefix + name, hf_shape(param, sizes)) for param in MTP_PARAMS for name in param.hf)
-    return shapes
+            yield from ((prefix + name, param) for param in MTP_PARAMS for name in param.hf)
+
+
+def hf_tensor_shapes(config: dict[str, Any], mtp_layers: int) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name and shape a DeepSeek-V3-class model of this config has (MTP layers: `mtp_layers`)."""
+    sizes = dims(config)
+    return {name: hf_shape(param, sizes) for name, param in hf_tensors(config, mtp_layers)}
+
+
+def release_fp8_names(config: dict[str, Any], mtp_layers: int) -> set[str]:
+    """The tensors DeepSeek's FP8 release stores as e4m3 + scale_inv (the 2-D projections of attention and MLP,
+    the MTP layer's included; never norms, router, embeddings, the head or the MTP eh_proj)."""
+    return {name for name, param in hf_tensors(config, mtp_layers) if param.fp8}
 
 
 def sharding_table() -> dict[str, tuple[str, bool]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +19,28 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
-from converters.hf.safetensors_io import DTYPE_NAMES, OutputTensor, encode_header, order_for_writing, tensor_bytes
+from converters.hf.checkpoint import layer_index, quantise
+from converters.hf.release import RELEASE_QUANTIZATION, SCALE_SUFFIX, ReleaseLayout
+from converters.hf.safetensors_io import (
+    DTYPE_NAMES,
+    OutputTensor,
+    encode_header,
+    file_offsets,
+    order_for_writing,
+    read_tensor,
+    tensor_bytes,
+)
 from converters.jobs.claim import temp_path
 from converters.jobs.lifecycle import ItemWriter, Job, ProgressFactory, Report, run_job
 from converters.jobs.options import JobOptions
 from converters.jobs.progress import Progress
 from converters.mcore.mapping import plan_mapping
-from converters.mcore.params import MTP_PARAMS, SPEC_MARKERS, checkpoint_spec, hf_tensor_shapes
+from converters.mcore.params import MTP_PARAMS, SPEC_MARKERS, checkpoint_spec, hf_tensor_shapes, release_fp8_names
 from converters.preflight import check_paths, check_readable, read_config
+from kernels.fp8 import DEFAULT_BLOCK, scale_shape
 from toolkit.errors import ConvertError
 from toolkit.hf_config import ConfigEdit
-from toolkit.safetensors_index import INDEX_NAME
+from toolkit.safetensors_index import INDEX_NAME, TensorInfo
 
 SHARD_BYTES = 5 * 1000**3
 _SKIP_FROM_CONFIG_DIR = {INDEX_NAME, "config.json"}
@@ -153,6 +164,12 @@ def find_dist_checkpoint(src: Path) -> Path:
                        "give a torch_dist checkpoint, verl's checkpoints dir, or one of its global_step_N dirs")
 
 
+@dataclass(frozen=True)
+class ExportOptions(JobOptions):
+    fp8: bool = False  # write DeepSeek's FP8 release format (e4m3 + scale_inv per block) instead of the stored dtype
+    like: Path | None = None  # with fp8: a release dir whose choice, shard names, quantization_config and scales are kept
+
+
 STATE_DIR = ".mcore-hf"
 FINISHED_FILE = ".mcore-hf-source.json"  # kept: lets a re-run recognise its own finished export
 
@@ -168,15 +185,20 @@ class ExportPlan(Job):
     src: Path  # the torch_dist dir (below what --src named)
     dst: Path
     hf_config_dir: Path
-    options: JobOptions
+    options: ExportOptions
     config_text: str
     regions: dict[str, list[Region]]
     shards: list[list[OutputTensor]]  # in writing order
     headers: list[bytes]
+    names: list[str]  # of the shards
     copies: list[Path]  # the config dir's other files (tokenizer, ...), copied as they are
     identity: dict[str, Any]
     disable_mtp: bool
     skipped_mtp_tensors: int
+    # --fp8: every quantised weight, with the release's scale_inv (info, file) to keep where it still fits (--like)
+    fp8: dict[str, tuple[TensorInfo, Path] | None] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None  # --fp8: config.json's quantization_config
+    block: tuple[int, int] = DEFAULT_BLOCK
     item_noun = "shard"
 
     @property
@@ -188,7 +210,7 @@ class ExportPlan(Job):
         return self.dst / FINISHED_FILE
 
     def shard_name(self, index: int) -> str:
-        return _shard_name(index, len(self.shards))
+        return self.names[index]
 
     def item_sizes(self) -> list[int]:
         return [len(header) + sum(t.nbytes for t in group) for header, group in zip(self.headers, self.shards, strict=True)]
@@ -215,17 +237,18 @@ class ExportPlan(Job):
         return sum(t.nbytes for index in pending for t in self.shards[index])
 
     def open_writer(self, device: str) -> ShardExport:
-        return ShardExport(self)
+        return ShardExport(self, device)
 
     def forget(self) -> None:
         for path in [self.dst / INDEX_NAME] + [self.dst / self.shard_name(index) for index in range(len(self.shards))]:
             path.unlink(missing_ok=True)
 
     def finalize(self) -> None:
-        """The config dir's files, config.json for BF16, then the index (the finished mark follows it)."""
+        """The config dir's files, config.json (BF16, or FP8 with --fp8), then the index (the finished mark follows it)."""
         for path in self.copies:
             atomic_copy(path, self.dst / path.name)
-        edit = ConfigEdit(drop_quantization=True, disable_mtp=self.disable_mtp, dtype="bfloat16")
+        edit = ConfigEdit(drop_quantization=self.quantization is None, quantization=self.quantization, disable_mtp=self.disable_mtp,
+                          dtype="bfloat16")
         atomic_write_bytes(self.dst / "config.json", edit.apply(self.config_text).encode())
         weight_map = {t.name: self.shard_name(index) for index, group in enumerate(self.shards) for t in group}
         index = {"metadata": {"total_size": sum(t.nbytes for group in self.shards for t in group)},
@@ -236,20 +259,34 @@ class ExportPlan(Job):
 class ShardExport(ItemWriter):
     """Writes HF shards from one lazily read dist checkpoint, each renamed into place when complete."""
 
-    def __init__(self, plan: ExportPlan) -> None:
+    def __init__(self, plan: ExportPlan, device: str) -> None:
         self.plan = plan
+        self.device = torch.device(device)
         self.checkpoint = DistCheckpoint(plan.src)
         self.seconds: dict[str, float] = {}
 
     def write(self, index: int, progress: Report) -> None:
-        name = self.plan.shard_name(index)
-        with AtomicFile(self.plan.dst / name, tmp_path=temp_path(self.plan.state_dir, name)) as target:
-            target.write(self.plan.headers[index])
-            for tensor in self.plan.shards[index]:
-                parts = [self.checkpoint.read(region) for region in self.plan.regions[tensor.name]]
+        """The shard's tensors at their offsets; a quantised weight is read and quantised once for its codes and
+        scale_inv (written wherever each sits: a release may keep one in another shard)."""
+        plan, name = self.plan, self.plan.shard_name(index)
+        group = plan.shards[index]
+        offsets = file_offsets(plan.headers[index], group)
+        with AtomicFile(plan.dst / name, tmp_path=temp_path(plan.state_dir, name)) as target:
+            target.write(plan.headers[index])
+            for source in dict.fromkeys(_source_name(tensor.name, plan.fp8) for tensor in group):
+                parts = [self.checkpoint.read(region) for region in plan.regions[source]]
                 data = torch.cat(parts) if len(parts) > 1 else parts[0]
-                target.write(tensor_bytes(data.reshape(tensor.shape)))
-                progress(tensor.nbytes)
+                data = data.reshape(_hf_shape(plan.regions[source]))
+                if source in plan.fp8:
+                    prior = plan.fp8[source]
+                    [pair] = quantise([data], plan.block, self.device, [None if prior is None else read_tensor(prior[1], prior[0])], [source])
+                    written = dict(zip((source, source + SCALE_SUFFIX), pair, strict=True))
+                else:
+                    written = {source: data}
+                for tensor_name, tensor in written.items():
+                    if tensor_name in offsets:
+                        target.write_at(offsets[tensor_name], tensor_bytes(tensor))
+                        progress(tensor.numel() * tensor.element_size())
 
     def close(self) -> None:
         pass  # each shard landed (fsync, rename) before write returned
@@ -271,15 +308,16 @@ class ExportSummary:
     shards_skipped: int = 0  # found complete (a resumed export)
     finalized: bool = False
     already_finished: bool = False  # the destination held this export, finished: nothing was written
+    fp8_tensors: int = 0  # --fp8: weights written as e4m3 + scale_inv
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
-def plan_export(src: Path, hf_config_dir: Path, dst: Path, options: JobOptions | None = None,
+def plan_export(src: Path, hf_config_dir: Path, dst: Path, options: ExportOptions | None = None,
                 shard_bytes: int | None = None) -> ExportPlan:
     """Everything decided from the dist checkpoint's `.metadata` and config.json; nothing written."""
-    options = options or JobOptions()
+    options = options or ExportOptions()
     src, hf_config_dir, dst = Path(src), Path(hf_config_dir), Path(dst)
     if src.is_dir():
         src = find_dist_checkpoint(src)
@@ -299,7 +337,6 @@ def plan_export(src: Path, hf_config_dir: Path, dst: Path, options: JobOptions |
         OutputTensor(name, DTYPE_NAMES[checkpoint.tensor_meta(rs[0].key).properties.dtype], _hf_shape(rs))
         for name, rs in regions.items()
     ]
-    shards = [order_for_writing(group) for group in _assign_shards(tensors, shard_bytes or SHARD_BYTES)]
     copies = [path for path in sorted(hf_config_dir.iterdir())
               if not path.is_dir() and path.name not in _SKIP_FROM_CONFIG_DIR and not path.name.endswith(".safetensors")]
     stored = [src / ".metadata", *sorted(src.glob("*.distcp"))]
@@ -311,10 +348,64 @@ def plan_export(src: Path, hf_config_dir: Path, dst: Path, options: JobOptions |
         "files": {str(path.resolve()): [path.stat().st_size, path.stat().st_mtime_ns]
                   for path in [*stored, hf_config_dir / "config.json", *copies] if path.exists()},
     }
+    fp8: dict[str, tuple[TensorInfo, Path] | None] = {}
+    quantization = block = None
+    if options.fp8:
+        release = ReleaseLayout.read(options.like) if options.like is not None else None
+        tensors, fp8, groups = _fp8_outputs(config, tensors, release, shard_bytes or SHARD_BYTES)
+        quantization = release.quantization if release else RELEASE_QUANTIZATION
+        block = release.block() if release else DEFAULT_BLOCK
+        identity["fp8"] = str(release.path.resolve()) if release else True
+    else:
+        groups = dict(enumerate(_assign_shards(tensors, shard_bytes or SHARD_BYTES)))
+    names = [name if isinstance(name, str) else _shard_name(name, len(groups)) for name in groups]
+    shards = [order_for_writing(group) for group in groups.values()]
     skipped = sum(1 for key, meta in checkpoint.metadata.state_dict_metadata.items()
                   if key.startswith("mtp.") and key not in used and isinstance(meta, TensorStorageMetadata))
     return ExportPlan(src, dst, hf_config_dir, options, config_text, regions, shards, [encode_header(group) for group in shards],
-                      copies, identity, not any(k.startswith("mtp.") for k in keys), skipped)
+                      names, copies, identity, not any(k.startswith("mtp.") for k in keys), skipped, fp8, quantization,
+                      block or DEFAULT_BLOCK)
+
+
+def _fp8_outputs(config: dict[str, Any], tensors: list[OutputTensor], release: ReleaseLayout | None,
+                 shard_bytes: int) -> tuple[list[OutputTensor], dict[str, tuple[TensorInfo, Path] | None], dict]:
+    """--fp8: the output tensors (each quantised weight as e4m3 codes plus its scale_inv), the quantised weights
+    with the release's scale to keep, and the shards: the release's (--like), else by size, scales beside their weights."""
+    layers = config["num_hidden_layers"]
+    mtp_layers = len({layer for layer in map(layer_index, (t.name for t in tensors)) if layer is not None and layer >= layers})
+    chosen = release.fp8_names() if release else release_fp8_names(config, mtp_layers)
+    block = release.block() if release else DEFAULT_BLOCK
+    problems = [why for t in tensors if release and (why := release.mismatch(t.name, t.shape))]
+    outputs: list[OutputTensor] = []
+    fp8: dict[str, tuple[TensorInfo, Path] | None] = {}
+    for tensor in tensors:
+        if tensor.name not in chosen:
+            outputs.append(tensor)
+            continue
+        if len(tensor.shape) != 2:
+            problems.append(f"{tensor.name} has shape {list(tensor.shape)}; only 2-D weights are block-quantised")
+            continue
+        grid = scale_shape(tensor.shape, block)
+        outputs += [OutputTensor(tensor.name, "F8_E4M3", tensor.shape), OutputTensor(tensor.name + SCALE_SUFFIX, "F32", grid)]
+        fp8[tensor.name] = release.scale(tensor.name, grid) if release else None
+    if release is None:
+        return outputs, fp8, dict(enumerate(_assign_shards(outputs, shard_bytes)))
+    groups: dict[str, list[OutputTensor]] = {}
+    for output in outputs:
+        shard = release.weight_map.get(output.name) or release.weight_map.get(output.name.removesuffix(SCALE_SUFFIX))
+        if shard is None:
+            problems.append(f"{output.name} is not in the release's index ({release.path / INDEX_NAME}): --like names another model?")
+        else:
+            groups.setdefault(shard, []).append(output)
+    if problems:
+        raise ConvertError(f"{len(problems)} problem(s) with --like {release.path}, nothing written:\n  " + "\n  ".join(problems[:20]))
+    return outputs, fp8, dict(sorted(groups.items()))
+
+
+def _source_name(name: str, fp8: dict[str, tuple[TensorInfo, Path] | None]) -> str:
+    """The HF weight an output tensor is made from (a scale_inv: its quantised weight's)."""
+    base = name.removesuffix(SCALE_SUFFIX)
+    return base if base != name and base in fp8 else name
 
 
 def export_hf(plan: ExportPlan, progress_factory: ProgressFactory | None = None) -> ExportSummary:
@@ -323,7 +414,7 @@ def export_hf(plan: ExportPlan, progress_factory: ProgressFactory | None = None)
     every = [t for group in plan.shards for t in group]
     return ExportSummary(str(plan.dst), len(plan.shards), len(every), sum(t.nbytes for t in every), round(result.seconds, 3),
                          str(plan.src), plan.skipped_mtp_tensors, len(result.written), result.skipped, result.finalized,
-                         result.already_finished)
+                         result.already_finished, len(plan.fp8))
 
 
 def _hf_shape(regions: list[Region]) -> tuple[int, ...]:
@@ -338,7 +429,8 @@ def _assign_shards(tensors: list[OutputTensor], shard_bytes: int) -> list[list[O
     shards: list[list[OutputTensor]] = [[]]
     size = 0
     for tensor in tensors:
-        if shards[-1] and size + tensor.nbytes > shard_bytes:
+        # a scale_inv stays beside its weight
+        if shards[-1] and size + tensor.nbytes > shard_bytes and not tensor.name.endswith(SCALE_SUFFIX):
             shards.append([])
             size = 0
         shards[-1].append(tensor)
@@ -346,7 +438,7 @@ def _assign_shards(tensors: list[OutputTensor], shard_bytes: int) -> list[list[O
     return shards
 
 
-def export_command(src: Path, hf_config: Path, dst: Path, options: JobOptions, as_json: bool, quiet: bool) -> int:
+def export_command(src: Path, hf_config: Path, dst: Path, options: ExportOptions, as_json: bool, quiet: bool) -> int:
     """`convert mcore-hf`: plan, export with progress, print; 0 done (also: nothing to do)."""
     plan = plan_export(src, hf_config, dst, options)
     with Progress("mcore->hf", quiet=quiet or as_json) as progress:
@@ -358,7 +450,8 @@ def export_command(src: Path, hf_config: Path, dst: Path, options: JobOptions, a
             print("already complete: nothing to do")
         elif summary.shards_skipped:
             print(f"{summary.shards_skipped} shard(s) already there, {summary.shards_written} written")
-        print(f"{summary.tensors} tensors in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: "
+        fp8 = f" ({summary.fp8_tensors} weights as FP8 e4m3 + scale_inv)" if summary.fp8_tensors else ""
+        print(f"{summary.tensors} tensors{fp8} in {summary.shards} shard(s), {summary.bytes_out / 1e9:.2f} GB in {summary.seconds:.1f} s: "
               f"{summary.dst} (read {summary.source})")
         if summary.skipped_mtp_tensors:
             print(f"config.json declares no MTP layer (num_nextn_predict_layers 0): {summary.skipped_mtp_tensors} stored MTP tensors left out")

@@ -136,6 +136,23 @@ def step_hf_mcore(out: Path) -> str:
     return f"FP8 and BF16 sources give identical files; mcore logits = HF within {difference:.1e}"
 
 
+def step_fp8_export(out: Path) -> str:
+    """convert mcore-hf --fp8 --like and bf16-fp8 --like: the FP8 release's shards come back byte for byte."""
+    fp8 = out / "DeepSeek-V3-tiny-FP8"
+    made = {}
+    for name, argv in (("from-mcore", ("mcore-hf", "--src", str(out / "DeepSeek-V3-tiny-mcore-from-fp8"), "--hf-config", str(fp8), "--fp8")),
+                       ("from-bf16", ("bf16-fp8", "--src", str(out / "DeepSeek-V3-tiny-BF16")))):
+        target = out / f"DeepSeek-V3-tiny-FP8-export-{name}"
+        shutil.rmtree(target, ignore_errors=True)
+        run_command("convert", *argv, "--dst", str(target), "--like", str(fp8), "--quiet")
+        made[name] = target
+    for shard in sorted(fp8.glob("*.safetensors")):
+        for name, target in made.items():
+            if (target / shard.name).read_bytes() != shard.read_bytes():
+                raise DemoFailure(f"{shard.name} of the FP8 export {name} differs from the release's")
+    return f"both exports equal the FP8 release byte for byte ({len(list(fp8.glob('*.safetensors')))} shards)"
+
+
 def step_math_data(out: Path) -> str:
     """A MATH-format sample we wrote ourselves -> verl parquet; verl's scorer accepts every answer."""
     import pyarrow.parquet as pq
@@ -182,6 +199,7 @@ STEPS: list[tuple[str, Callable[[Path], str]]] = [
     ("generate tiny FP8 DeepSeek-V3", step_make_fp8_model),
     ("convert fp8-bf16", step_fp8_to_bf16),
     ("convert hf-mcore (BF16 and FP8)", step_hf_mcore),
+    ("export FP8 to serve (mcore-hf, bf16-fp8)", step_fp8_export),
     ("convert math-lighteval (sample)", step_math_data),
     ("launch plan + grpo --dry-run", step_plan_and_preflight),
 ]

@@ -39,9 +39,16 @@ quant)
   PYTHONPATH=$repo:/tmp/site timeout 400 python3 -m bench.fp8_quant --out "$out" 2>&1 | tail -60
   echo "fp8_quant exit ${PIPESTATUS[0]}" ;;
 serve)
+  # vLLM's quantisation registry imports compressed-tensors (not in the staged stack): carried in .whl/
+  python3 -c "import sys; sys.path.insert(0, '/tmp/site'); import compressed_tensors" 2>/dev/null || \
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/compressed_tensors-*.whl .whl/loguru-*.whl
   export PYTHONPATH=$repo:/tmp/site:/tmp/tk VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_LOGGING_LEVEL=INFO
+  # DeepGEMM JIT-compiles ~2,000 kernels at start (minutes): its CUTLASS block-scaled GEMM serves the tiny model
+  export VLLM_USE_DEEP_GEMM=0
   w=/root/fp8serve; rm -rf $w; mkdir -p $w; cd $w || exit 1
-  python3 -c "from converters.testing import make_servable_fp8_checkpoint; make_servable_fp8_checkpoint('release')" > /dev/null 2>&1
+  # vLLM fuses q_a_proj and kv_a_proj_with_mqa into one block-quantised linear: its parts must start on a 128-row
+  # block (DeepSeek-V3: q_lora_rank 1536), so q_lora_rank 256 here instead of the GRPO fixture's 192
+  python3 -c "from converters.testing import make_servable_fp8_checkpoint; make_servable_fp8_checkpoint('release', overrides={'q_lora_rank': 256})" > /dev/null 2>&1
   python3 -m converters.cli fp8-bf16 --src release --dst bf16 --quiet || exit 1
   for device in cuda cpu; do
     python3 -m converters.cli bf16-fp8 --src bf16 --dst "export-$device" --device $device --json > "$out/bf16-fp8-$device.json" || exit 1
@@ -52,6 +59,16 @@ serve)
     for f in "$1"/*.safetensors; do cmp -s "$f" "$2/$(basename "$f")" && same=$((same + 1)) || differ=$((differ + 1)); done
     echo "shards of $1 vs $2: $same identical, $differ differ" | tee -a "$out/serve_cmp.txt"
   done
+  python3 - <<'EOF' | tee -a "$out/serve_cmp.txt"
+from converters.testing import load_checkpoint
+a, b = load_checkpoint("export-cuda"), load_checkpoint("export-cpu")
+bad = [n for n in a if a[n].shape != b[n].shape or not (a[n].view(-1).view(__import__("torch").uint8) == b[n].view(-1).view(__import__("torch").uint8)).all()]
+print(f"tensors differing cuda vs cpu: {len(bad)} of {len(a)}", bad[:4])
+for n in bad[:2]:
+    x, y = a[n].view(-1).view(__import__("torch").uint8), b[n].view(-1).view(__import__("torch").uint8)
+    i = (x != y).nonzero()[:5].flatten().tolist()
+    print(n, a[n].dtype, "positions", i, "cuda", x[i].tolist(), "cpu", y[i].tolist(), "count", int((x != y).sum()))
+EOF
   for model in export-cuda bf16; do
     timeout 240 python3 -m bench.fp8_serve run --model $model --out "$out/serve-$model.json" > "$out/serve-$model.log" 2>&1
     echo "vLLM on $model: exit $?"; tail -2 "$out/serve-$model.log"

@@ -194,7 +194,10 @@ def quant_fp8_blocks_batched(
     prior_scales: list[torch.Tensor | None] | None = None,
     names: list[str] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Quantise many tensors at once (one kernel launch per input dtype on GPU); same bits as one at a time."""
+    """Quantise many tensors at once (one kernel launch per input dtype on GPU); same bits as one at a time.
+
+    On the GPU the call waits once for the kernels: the finiteness check reads every scale_inv back.
+    """
     if prior_scales is None:
         prior_scales = [None] * len(weights)
     if names is None:

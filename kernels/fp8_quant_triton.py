@@ -1,10 +1,10 @@
 """Triton kernels for FP8 (e4m3) block quantisation: one program per scale block, one tensor or many per launch.
 
 Each program loads its block once, takes the amax, and writes the e4m3 codes and the float32 scale_inv, with
-the same bits as the exact CPU path in kernels/fp8.py. Division is tl.math.div_rn (IEEE round to nearest; a
-plain `/` may lower to an approximate division). The e4m3 rounding uses the GPU's own conversion on sm_89+
-(round to nearest even, saturating) and an integer encoder elsewhere: sm_80/86, and TRITON_INTERPRET=1,
-whose conversions are not the GPU's.
+the same bits as the exact CPU path in kernels/fp8.py. Division is tl.math.div_rn, PTX div.rn.f32 (IEEE
+round to nearest): a plain `/` lowers to div.full.f32, which is off by up to 2 ulp (Triton 3.9, sm_90). The
+e4m3 rounding uses the GPU's own conversion on sm_89+ (cvt.rn.satfinite: round to nearest even) and an
+integer encoder elsewhere: sm_80/86, and TRITON_INTERPRET=1, whose fp8 conversion is not the GPU's.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from converters.jobs.progress import Progress
 from converters.mcore.mapping import plan_mapping
 from converters.mcore.params import MTP_PARAMS, SPEC_MARKERS, checkpoint_spec, hf_tensor_shapes, release_fp8_names
 from converters.preflight import check_paths, check_readable, read_config
-from kernels.fp8 import DEFAULT_BLOCK, scale_shape
+from kernels.fp8 import DEFAULT_BLOCK, FP8FormatError, scale_shape
 from toolkit.errors import ConvertError
 from toolkit.hf_config import ConfigEdit
 from toolkit.safetensors_index import INDEX_NAME, TensorInfo
@@ -279,7 +279,10 @@ class ShardExport(ItemWriter):
                 data = data.reshape(_hf_shape(plan.regions[source]))
                 if source in plan.fp8:
                     prior = plan.fp8[source]
-                    [pair] = quantise([data], plan.block, self.device, [None if prior is None else read_tensor(prior[1], prior[0])], [source])
+                    try:
+                        [pair] = quantise([data], plan.block, self.device, [None if prior is None else read_tensor(prior[1], prior[0])], [source])
+                    except FP8FormatError as exc:
+                        raise ConvertError(f"{name}: {exc}") from exc
                     written = dict(zip((source, source + SCALE_SUFFIX), pair, strict=True))
                 else:
                     written = {source: data}

@@ -181,6 +181,16 @@ def test_refusals_name_what_is_wrong(release, bf16, tmp_path):
     (v31 / "config.json").write_text(json.dumps(config))
     ue8m0 = convert("bf16-fp8", "--src", str(bf16), "--dst", str(tmp_path / "c"), "--like", str(v31))
     assert ue8m0.returncode == 2 and "ue8m0" in ue8m0.stderr
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(bf16, poisoned)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    shard = poisoned / index_of(poisoned)["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name][130, 3] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    nan = convert("bf16-fp8", "--src", str(poisoned), "--dst", str(tmp_path / "e"))
+    assert nan.returncode == 2 and name in nan.stderr and "row 130, column 3" in nan.stderr, nan.stderr
+    assert not (tmp_path / "e" / shard.name).exists()  # the shard holding the NaN is not written; finished ones are kept
     like_alone = convert("mcore-hf", "--src", str(tmp_path), "--hf-config", str(release), "--dst", str(tmp_path / "d"), "--like", str(release))
     assert like_alone.returncode == 2 and "--fp8" in like_alone.stderr
 

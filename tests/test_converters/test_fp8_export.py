@@ -10,7 +10,12 @@ lifecycle (rerun, resume) and refusals that name the tensor.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +213,31 @@ def test_mtp_layers_follow_config_json(release, bf16, tmp_path):
     skipped = [n for n in index_of(bf16)["weight_map"] if n.startswith(f"model.layers.{layers}.")]
     assert f"config.json declares no MTP layer: {len(skipped)} tensors of layer {layers} skipped" in result.stdout
     assert not any(n.startswith(f"model.layers.{layers}.") for n in index_of(out)["weight_map"])
+
+
+def test_kill_minus_nine_then_resume_gives_the_same_bytes(tmp_path):
+    """bf16-fp8 on the one lifecycle: SIGKILL mid-shard, then the same command resumes; every byte as an
+    uninterrupted run's, and a second twin run is refused while the first holds the destination."""
+    release = tmp_path / "release"
+    make_fp8_checkpoint(release, shards=6, overrides={"num_hidden_layers": 6, "n_routed_experts": 16})
+    bf16 = tmp_path / "bf16"
+    assert convert("fp8-bf16", "--src", str(release), "--dst", str(bf16)).returncode == 0
+    reference = tmp_path / "reference"
+    assert convert("bf16-fp8", "--src", str(bf16), "--dst", str(reference)).returncode == 0
+    dst = tmp_path / "killed"
+    args = [sys.executable, "-m", "converters.cli", "bf16-fp8", "--quiet", "--src", str(bf16), "--dst", str(dst)]
+    process = subprocess.Popen([*args, "--batch-mb", "1", "--max-write-mbps", "2"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not list(dst.glob("model-00002-*.safetensors")):
+        time.sleep(0.01)
+    assert process.poll() is None, process.stderr.read()
+    twin = subprocess.run(args, capture_output=True, text=True)
+    assert twin.returncode == 2 and "being written" in twin.stderr, twin.stderr
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (dst / "model.safetensors.index.json").exists()
+    resumed = subprocess.run([*args, "--json"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["shards_skipped"] >= 1
+    produced = {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    assert produced == {p.name: p.read_bytes() for p in sorted(reference.iterdir()) if p.is_file() and not p.name.startswith(".")}

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="BF16 HF checkpoint -> DeepSeek's FP8 release format (e4m3 + 128x128 scale_inv), for serving",
         description=BF16_FP8_HELP,
         epilog=PARTS_EXIT_CODES.replace("; nothing written", "; nothing written (but a NaN or Inf in a weight is met while "
-                                        "quantising: the run stops at its shard, the shards finished before it are kept)")
+                                        "quantising: the run stops there; fix the tensor, then run again with --overwrite)")
         + "\nexamples:\n  convert bf16-fp8 --src step100-hf --dst step100-fp8\n"
         "  convert bf16-fp8 --src step100-hf --dst step100-fp8 --like /models/DeepSeek-V3-0324\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -10,6 +10,7 @@ named recipes live in `toolkit.recipes`, where `convert hf-mcore --recipe` reads
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -56,17 +57,10 @@ def _count_params(config_json: str) -> ParamCounts:
     # smallest feasible cluster), and listing Kimi-K2's 70k tensor shapes takes ~0.2 s each time
     config = json.loads(config_json)
     shapes = hf_tensor_shapes(config, 0)
-    experts = sum(_numel(s) for n, s in shapes.items() if ".mlp.experts." in n)
-    embedding = sum(_numel(s) for n, s in shapes.items() if n in ("model.embed_tokens.weight", "lm_head.weight"))
-    total = sum(_numel(s) for s in shapes.values())
+    experts = sum(math.prod(s) for n, s in shapes.items() if ".mlp.experts." in n)
+    embedding = sum(math.prod(s) for n, s in shapes.items() if n in ("model.embed_tokens.weight", "lm_head.weight"))
+    total = sum(math.prod(s) for s in shapes.values())
     return ParamCounts(total - experts, experts, embedding)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def check_rules(plan: Plan, config: dict[str, Any]) -> list[str]:

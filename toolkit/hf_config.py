@@ -72,11 +72,11 @@ def _member_indent(text: str, members: list[Member]) -> str:
     return "\n  "
 
 
-def _dump_like(value: Any, text: str, members: list[Member] | None = None) -> str:
+def _dump_like(value: Any, text: str, members: list[Member]) -> str:
     """`value` as the file writes its values: compact, on one line, or (an object or array in an indented file,
     as transformers writes config.json) spread over lines at the file's indent."""
     compact = ": " not in text and ", " not in text and "\n" not in text.strip()
-    indent = _member_indent(text, members or []).lstrip("\r\n") if "\n" in text.strip() else ""
+    indent = _member_indent(text, members).lstrip("\r\n") if "\n" in text.strip() else ""
     if isinstance(value, (dict, list)) and value and indent and indent.strip(" ") == "":
         return json.dumps(value, ensure_ascii=False, indent=len(indent)).replace("\n", "\n" + indent)
     return json.dumps(value, ensure_ascii=False, separators=(",", ":") if compact else (", ", ": "))

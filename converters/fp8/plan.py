@@ -1,4 +1,5 @@
-"""Plan of `convert fp8-bf16`: every header read and checked, every scale found, before anything is written.
+"""Plan of `convert fp8-bf16` (and what `bf16-fp8`'s plan shares): every header read and checked, every scale
+found, before anything is written.
 
 The plan names each output shard, its exact header bytes and how each tensor is made (copied, or
 dequantised from a weight and its scale), the files copied as they are, and the output config.json.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from converters.hf.checkpoint import SCALE_SUFFIX, layer_index
-from converters.hf.safetensors_io import OutputTensor, encode_header, file_offsets, order_for_writing
+from converters.hf.safetensors_io import OutputTensor, encode_header, file_offsets, is_complete, order_for_writing
+from converters.jobs.lifecycle import is_finished_mark
 from converters.jobs.options import JobOptions
 from converters.preflight import read_config
 from kernels.fp8 import DEFAULT_BLOCK, scale_shape
@@ -18,9 +21,8 @@ from toolkit.errors import ConvertError
 from toolkit.hf_config import ConfigEdit, ConfigFormatError
 from toolkit.safetensors_index import INDEX_NAME, SafetensorsError, ShardHeader, TensorInfo, load_index, read_header
 
-STATE_DIR = ".fp8-bf16"
-FINISHED_FILE = ".fp8-bf16-source.json"  # kept: the identity of a finished output
-SKIP_DIRS = {".git", ".cache", STATE_DIR, ".bf16-fp8"}  # never copied: other tools' state
+TOOLS = ("fp8-bf16", "bf16-fp8")  # the commands this package runs; each keeps its state in DST/.TOOL/
+SKIP_DIRS = {".git", ".cache", *(f".{tool}" for tool in TOOLS)}  # never copied: our own state
 
 
 class CastError(ConvertError):
@@ -106,7 +108,7 @@ class CastPlan:
     def finished_mark(self) -> Path:
         # what this output was made from, so a later run into the same dir never takes another source's
         # same-shaped output for its own
-        return self.dst / f".{self.tool}-source.json"
+        return self.dst / finished_mark_name(self.tool)
 
     @property
     def kernel_stage(self) -> str:
@@ -129,59 +131,96 @@ def _output_config(config_text: str, path: Path, drop_mtp: bool) -> str:
         raise CastError(f"{path}: {exc}") from exc
 
 
+def finished_mark_name(tool: str) -> str:
+    return f".{tool}-source.json"
+
+
 def files_to_copy(src: Path, shard_names: set[str]) -> list[Path]:
-    """Every file of the source but the shards, the index and config.json (which are written anew)."""
+    """Every file of the source but the shards, the index and config.json (which are written anew), and a
+    converter's finished mark (the source's own identity, not the output's)."""
     copies = []
     for path in sorted(src.rglob("*")):
         relative = path.relative_to(src)
         if relative.parts[0] in SKIP_DIRS or str(relative) in shard_names | {INDEX_NAME, "config.json"}:
+            continue
+        if len(relative.parts) == 1 and is_finished_mark(relative.name):
             continue
         if not path.is_dir():  # a broken link is kept here, so that the preflight names it
             copies.append(relative)
     return copies
 
 
+@dataclass
+class Source:
+    """A HF checkpoint dir read for planning: config.json (if any), index, every shard's header."""
+
+    path: Path
+    config_text: str | None
+    config: dict[str, Any]
+    weight_map: dict[str, str]
+    index_metadata: dict[str, object]
+    headers: dict[str, ShardHeader]
+
+    @classmethod
+    def read(cls, src: Path, need_config: bool) -> Source:
+        src = Path(src)
+        if not src.is_dir():
+            raise CastError(f"{src}: not a directory")
+        config_path = src / "config.json"
+        has_config = need_config or config_path.exists() or config_path.is_symlink()
+        config_text, config = read_config(config_path) if has_config else (None, {})
+        try:
+            weight_map, index_metadata = load_index(src)
+            missing = [name for name in sorted(set(weight_map.values())) if not (src / name).is_file()]
+            if missing:
+                raise CastError(f"{src}: {len(missing)} shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing[:5])}")
+            headers = {name: read_header(src / name) for name in sorted(set(weight_map.values()))}
+        except SafetensorsError as exc:
+            raise CastError(str(exc)) from exc
+        return cls(src, config_text, config, weight_map, index_metadata, headers)
+
+    def index_problems(self) -> list[str]:
+        """Tensors the index maps to a shard that does not hold them."""
+        return [f"{shard}: {INDEX_NAME} maps {tensor} here but the shard does not hold it"
+                for tensor, shard in self.weight_map.items() if tensor not in self.headers[shard].tensors]
+
+    def shard_facts(self) -> dict[str, list[int]]:
+        """Each shard's size and mtime: what the identity of an output made from it records."""
+        return {name: [h.file_size, (self.path / name).stat().st_mtime_ns] for name, h in self.headers.items()}
+
+
+def raise_problems(problems: list[str], src: Path) -> None:
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CastError(f"{len(problems)} problem(s) in {src}, nothing written:\n  {shown}{more}")
+
+
 def plan_cast(src: Path, dst: Path, options: CastOptions) -> CastPlan:
     """Read every header, find every scale, and check shapes; raise CastError listing all problems."""
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise CastError(f"{src}: not a directory")
+    source = Source.read(src, need_config=False)
+    src, dst, config, headers = source.path, Path(dst), source.config, source.headers
     config_path = src / "config.json"
-    config_text, config = read_config(config_path) if config_path.exists() or config_path.is_symlink() else (None, {})
-    try:
-        weight_map, index_metadata = load_index(src)
-        missing = [name for name in sorted(set(weight_map.values())) if not (src / name).is_file()]
-        if missing:
-            raise CastError(f"{src}: {len(missing)} shard(s) listed in {INDEX_NAME} are missing: {', '.join(missing[:5])}")
-        headers = {name: read_header(src / name) for name in sorted(set(weight_map.values()))}
-    except SafetensorsError as exc:
-        raise CastError(str(exc)) from exc
     block = _block_size(config, config_path)
     num_layers = config.get("num_hidden_layers")
     if options.drop_mtp and not isinstance(num_layers, int):
         raise CastError(f"{src / 'config.json'}: --drop-mtp needs num_hidden_layers in config.json")
 
-    problems: list[str] = []
-    for tensor, shard in weight_map.items():
-        if tensor not in headers[shard].tensors:
-            problems.append(f"{shard}: {INDEX_NAME} maps {tensor} here but the shard does not hold it")
+    problems = source.index_problems()
     shards = [
-        _plan_shard(name, header, headers, weight_map, block, num_layers if options.drop_mtp else None, problems)
+        _plan_shard(name, header, headers, source.weight_map, block, num_layers if options.drop_mtp else None, problems)
         for name, header in headers.items()
     ]
-    if problems:
-        shown = "\n  ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CastError(f"{len(problems)} problem(s) in {src}, nothing written:\n  {shown}{more}")
+    raise_problems(problems, src)
     identity = {
         "tool": "convert fp8-bf16",
         "source": str(src.resolve()),
         "drop_mtp": options.drop_mtp,
-        "shards": {name: [h.file_size, (src / name).stat().st_mtime_ns] for name, h in headers.items()},
+        "shards": source.shard_facts(),
     }
-    config_out = None if config_text is None else _output_config(config_text, config_path, options.drop_mtp)
+    config_out = None if source.config_text is None else _output_config(source.config_text, config_path, options.drop_mtp)
     copies = files_to_copy(src, set(headers))
-    return CastPlan(src, dst, shards, block, (src / INDEX_NAME).is_file(), index_metadata, config_out, copies, options, identity)
+    return CastPlan(src, dst, shards, block, (src / INDEX_NAME).is_file(), source.index_metadata, config_out, copies, options, identity)
 
 
 def _plan_shard(
@@ -224,13 +263,4 @@ def _plan_shard(
 
 
 def shard_is_done(dst: Path, shard: ShardJob) -> bool:
-    """An output shard is complete iff it has exactly the expected header bytes and size."""
-    path = dst / shard.name
-    try:
-        if path.stat().st_size != shard.output_size:
-            return False
-        with open(path, "rb") as handle:
-            return handle.read(len(shard.header)) == shard.header
-    except OSError:
-        return False
-
+    return is_complete(dst / shard.name, shard.header, shard.output_size)

@@ -1,7 +1,7 @@
 """One shard of `convert fp8-bf16` or `bf16-fp8`: read, (de)quantise and write overlapping, renamed into place when complete.
 
-A reader thread, the dequantisation and the writer overlap; the output goes to a temp file under
-DST/.fp8-bf16/ named with host and pid (so parts on other machines never remove each other's work)
+A reader thread, the (de)quantisation and the writer overlap; the output goes to a temp file under
+DST/.fp8-bf16/ (or .bf16-fp8/) named with host and pid (so parts on other machines never remove each other's work)
 and is renamed into place by its commit, which may run in another thread while the next shard starts.
 """
 
@@ -60,7 +60,7 @@ def convert_shard(
     progress: Callable[[int], None],
     committer: ThreadPoolExecutor | None = None,
 ) -> tuple[dict[str, float], Future | None]:
-    """Read, dequantise and write one shard with the three stages overlapping; rename when complete.
+    """Read, (de)quantise and write one shard with the three stages overlapping; rename when complete.
 
     With a `committer`, the fsync and rename run there while the caller goes on with the next
     shard; the returned future says when (and whether) the shard landed. Also returns each stage's
@@ -155,7 +155,7 @@ def _commit(target: AtomicFile, shard: ShardJob, busy: dict[str, float]) -> None
 
 
 class ShardWriter(ItemWriter):
-    """`convert fp8-bf16`'s items: in one process, one shard's fsync and rename overlap the next shard's conversion.
+    """The items of `convert fp8-bf16` and `bf16-fp8`: in one process, one shard's fsync and rename overlap the next shard's conversion.
 
     Worker processes (--workers) commit each shard before the next, as they always have: no extra thread
     to stop when a signal ends the worker.

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from converters.hf.buffers import BufferPool
-from converters.hf.release import SCALE_SUFFIX
 from converters.hf.safetensors_io import DTYPES, read_tensor
 from converters.preflight import read_config
 from kernels.fp8 import DEFAULT_BLOCK, dequant_fp8_blocks_batched, quant_fp8_blocks_batched
 from toolkit.errors import ConvertError
 from toolkit.safetensors_index import SafetensorsError, TensorInfo, load_index, read_header
 
+SCALE_SUFFIX = "_scale_inv"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 

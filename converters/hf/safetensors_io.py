@@ -89,6 +89,18 @@ def file_offsets(header: bytes, tensors: list[OutputTensor]) -> dict[str, int]:
     return offsets
 
 
+def is_complete(path: Path, header: bytes, size: int) -> bool:
+    """A shard we wrote is complete iff it has exactly the expected size and header bytes (shards are renamed into
+    place whole, so a kill never leaves one that passes and is not)."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        with open(path, "rb") as handle:
+            return handle.read(len(header)) == header
+    except OSError:
+        return False
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous CPU tensor, without a copy."""
     flat = tensor.contiguous().view(-1).view(torch.uint8)

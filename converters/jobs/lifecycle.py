@@ -32,6 +32,12 @@ from converters.jobs.pool import run_workers
 from converters.preflight import check_free_space, check_paths, resolve_device
 
 Report = Callable[[int], None]
+
+
+def is_finished_mark(name: str) -> bool:
+    """Every converter's finished mark is `.TOOL-source.json` in its output: never copied into another output."""
+    return name.startswith(".") and name.endswith("-source.json")
+
 ProgressFactory = Callable[[int], Report]
 
 

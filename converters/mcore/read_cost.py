@@ -14,6 +14,7 @@ counterpart, a real load with every byte counted, is `bench/load_reads.py`.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +22,6 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 
 from converters.mcore.mapping import MappingPlan
 from converters.mcore.tp_layout import REPLICATED, sharding_of, source_extents
-
-
-def _numel(sizes) -> int:
-    count = 1
-    for size in sizes:
-        count *= int(size)
-    return count
 
 
 @dataclass(frozen=True)
@@ -169,7 +163,7 @@ class ChunkIndex:
         info = self.metadata.storage_data.get(MetadataIndex(key, chunk.offsets)) if self.metadata.storage_data else None
         if info is not None:
             return info.length
-        return _numel(chunk.sizes) * self.metadata.state_dict_metadata[key].properties.dtype.itemsize
+        return math.prod(chunk.sizes) * self.metadata.state_dict_metadata[key].properties.dtype.itemsize
 
     def plan(self, requests: list[Request]) -> ReadPlan:
         result = ReadPlan()
@@ -194,7 +188,7 @@ class ChunkIndex:
 
 def checkpoint_tensor_bytes(metadata: Metadata) -> int:
     """Payload bytes of every tensor stored (each element once)."""
-    return sum(_numel(meta.size) * meta.properties.dtype.itemsize for meta in metadata.state_dict_metadata.values()
+    return sum(math.prod(meta.size) * meta.properties.dtype.itemsize for meta in metadata.state_dict_metadata.values()
                if isinstance(meta, TensorStorageMetadata))
 
 

@@ -19,25 +19,26 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from atomicio import AtomicFile, atomic_copy, atomic_write_bytes
-from converters.hf.checkpoint import layer_index, quantise
-from converters.hf.release import RELEASE_QUANTIZATION, SCALE_SUFFIX, ReleaseLayout
+from converters.hf.checkpoint import SCALE_SUFFIX, layer_index, quantise
+from converters.hf.release import ReleaseLayout, fp8_layout
 from converters.hf.safetensors_io import (
     DTYPE_NAMES,
     OutputTensor,
     encode_header,
     file_offsets,
+    is_complete,
     order_for_writing,
     read_tensor,
     tensor_bytes,
 )
 from converters.jobs.claim import temp_path
-from converters.jobs.lifecycle import ItemWriter, Job, ProgressFactory, Report, run_job
+from converters.jobs.lifecycle import ItemWriter, Job, ProgressFactory, Report, is_finished_mark, run_job
 from converters.jobs.options import JobOptions
 from converters.jobs.progress import Progress
 from converters.mcore.mapping import plan_mapping
-from converters.mcore.params import MTP_PARAMS, SPEC_MARKERS, checkpoint_spec, hf_tensor_shapes, release_fp8_names
+from converters.mcore.params import MTP_PARAMS, SPEC_MARKERS, checkpoint_spec, hf_tensor_shapes
 from converters.preflight import check_paths, check_readable, read_config
-from kernels.fp8 import DEFAULT_BLOCK, FP8FormatError, scale_shape
+from kernels.fp8 import DEFAULT_BLOCK, FP8FormatError
 from toolkit.errors import ConvertError
 from toolkit.hf_config import ConfigEdit
 from toolkit.safetensors_index import INDEX_NAME, TensorInfo
@@ -216,15 +217,8 @@ class ExportPlan(Job):
         return [len(header) + sum(t.nbytes for t in group) for header, group in zip(self.headers, self.shards, strict=True)]
 
     def item_done(self, index: int) -> bool:
-        """Complete iff the shard holds exactly the expected header and size (it is renamed into place whole)."""
-        path, header = self.dst / self.shard_name(index), self.headers[index]
-        try:
-            if path.stat().st_size != len(header) + sum(t.nbytes for t in self.shards[index]):
-                return False
-            with open(path, "rb") as handle:
-                return handle.read(len(header)) == header
-        except OSError:
-            return False
+        header = self.headers[index]
+        return is_complete(self.dst / self.shard_name(index), header, len(header) + sum(t.nbytes for t in self.shards[index]))
 
     def preflight(self, pending: list[int]) -> int:
         check_readable(self.copies)
@@ -302,7 +296,7 @@ class ShardExport(ItemWriter):
 class ExportSummary:
     dst: str
     shards: int = 0  # what the export holds
-    tensors: int = 0
+    tensors: int = 0  # the model's tensors (a quantised weight's scale_inv not counted apart)
     bytes_out: int = 0
     seconds: float = 0.0
     source: str = ""  # the torch_dist dir read (below what --src named)
@@ -341,7 +335,8 @@ def plan_export(src: Path, hf_config_dir: Path, dst: Path, options: ExportOption
         for name, rs in regions.items()
     ]
     copies = [path for path in sorted(hf_config_dir.iterdir())
-              if not path.is_dir() and path.name not in _SKIP_FROM_CONFIG_DIR and not path.name.endswith(".safetensors")]
+              if not path.is_dir() and path.name not in _SKIP_FROM_CONFIG_DIR and not path.name.endswith(".safetensors")
+              and not is_finished_mark(path.name)]
     stored = [src / ".metadata", *sorted(src.glob("*.distcp"))]
     identity = {
         "tool": "convert mcore-hf",
@@ -352,13 +347,24 @@ def plan_export(src: Path, hf_config_dir: Path, dst: Path, options: ExportOption
                   for path in [*stored, hf_config_dir / "config.json", *copies] if path.exists()},
     }
     fp8: dict[str, tuple[TensorInfo, Path] | None] = {}
-    quantization = block = None
+    quantization = block = release = None
     if options.fp8:
         release = ReleaseLayout.read(options.like) if options.like is not None else None
-        tensors, fp8, groups = _fp8_outputs(config, tensors, release, shard_bytes or SHARD_BYTES)
-        quantization = release.quantization if release else RELEASE_QUANTIZATION
-        block = release.block() if release else DEFAULT_BLOCK
-        identity["fp8"] = str(release.path.resolve()) if release else True
+        if release is not None:
+            release.refuse_overlap(dst)
+        layers = config["num_hidden_layers"]
+        mtp_layers = len({layer for t in tensors if (layer := layer_index(t.name)) is not None and layer >= layers})
+        layout = fp8_layout({t.name: (t.dtype, t.shape) for t in tensors}, config, mtp_layers, release, src)
+        tensors = [output for tensor in layout.tensors for output in tensor.outputs]
+        fp8 = {tensor.name: tensor.prior for tensor in layout.tensors if tensor.block is not None}
+        quantization, block = layout.quantization, layout.block
+        identity["fp8"] = release.identity() if release else True
+    if options.fp8 and release is not None:  # the release's shards
+        groups: dict = {}
+        for tensor in layout.tensors:
+            for output, shard in zip(tensor.outputs, tensor.shards, strict=True):
+                groups.setdefault(shard, []).append(output)
+        groups = dict(sorted(groups.items()))
     else:
         groups = dict(enumerate(_assign_shards(tensors, shard_bytes or SHARD_BYTES)))
     names = [name if isinstance(name, str) else _shard_name(name, len(groups)) for name in groups]
@@ -368,41 +374,6 @@ def plan_export(src: Path, hf_config_dir: Path, dst: Path, options: ExportOption
     return ExportPlan(src, dst, hf_config_dir, options, config_text, regions, shards, [encode_header(group) for group in shards],
                       names, copies, identity, not any(k.startswith("mtp.") for k in keys), skipped, fp8, quantization,
                       block or DEFAULT_BLOCK)
-
-
-def _fp8_outputs(config: dict[str, Any], tensors: list[OutputTensor], release: ReleaseLayout | None,
-                 shard_bytes: int) -> tuple[list[OutputTensor], dict[str, tuple[TensorInfo, Path] | None], dict]:
-    """--fp8: the output tensors (each quantised weight as e4m3 codes plus its scale_inv), the quantised weights
-    with the release's scale to keep, and the shards: the release's (--like), else by size, scales beside their weights."""
-    layers = config["num_hidden_layers"]
-    mtp_layers = len({layer for layer in map(layer_index, (t.name for t in tensors)) if layer is not None and layer >= layers})
-    chosen = release.fp8_names() if release else release_fp8_names(config, mtp_layers)
-    block = release.block() if release else DEFAULT_BLOCK
-    problems = [why for t in tensors if release and (why := release.mismatch(t.name, t.shape))]
-    outputs: list[OutputTensor] = []
-    fp8: dict[str, tuple[TensorInfo, Path] | None] = {}
-    for tensor in tensors:
-        if tensor.name not in chosen:
-            outputs.append(tensor)
-            continue
-        if len(tensor.shape) != 2:
-            problems.append(f"{tensor.name} has shape {list(tensor.shape)}; only 2-D weights are block-quantised")
-            continue
-        grid = scale_shape(tensor.shape, block)
-        outputs += [OutputTensor(tensor.name, "F8_E4M3", tensor.shape), OutputTensor(tensor.name + SCALE_SUFFIX, "F32", grid)]
-        fp8[tensor.name] = release.scale(tensor.name, grid) if release else None
-    if release is None:
-        return outputs, fp8, dict(enumerate(_assign_shards(outputs, shard_bytes)))
-    groups: dict[str, list[OutputTensor]] = {}
-    for output in outputs:
-        shard = release.weight_map.get(output.name) or release.weight_map.get(output.name.removesuffix(SCALE_SUFFIX))
-        if shard is None:
-            problems.append(f"{output.name} is not in the release's index ({release.path / INDEX_NAME}): --like names another model?")
-        else:
-            groups.setdefault(shard, []).append(output)
-    if problems:
-        raise ConvertError(f"{len(problems)} problem(s) with --like {release.path}, nothing written:\n  " + "\n  ".join(problems[:20]))
-    return outputs, fp8, dict(sorted(groups.items()))
 
 
 def _source_name(name: str, fp8: dict[str, tuple[TensorInfo, Path] | None]) -> str:
@@ -415,7 +386,8 @@ def export_hf(plan: ExportPlan, progress_factory: ProgressFactory | None = None)
     """Write the pending HF shards (resuming), then the index, config.json and the config dir's files."""
     result = run_job(plan, progress_factory)
     every = [t for group in plan.shards for t in group]
-    return ExportSummary(str(plan.dst), len(plan.shards), len(every), sum(t.nbytes for t in every), round(result.seconds, 3),
+    scales = sum(1 for t in every if t.name.endswith(SCALE_SUFFIX) and t.name.removesuffix(SCALE_SUFFIX) in plan.fp8)
+    return ExportSummary(str(plan.dst), len(plan.shards), len(every) - scales, sum(t.nbytes for t in every), round(result.seconds, 3),
                          str(plan.src), plan.skipped_mtp_tensors, len(result.written), result.skipped, result.finalized,
                          result.already_finished, len(plan.fp8))
 

@@ -21,6 +21,7 @@ its own bytes, so the one layout is right for both.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -138,13 +139,6 @@ def align_mapping(mapping: MappingPlan, tp: int, etp: int) -> MappingPlan:
     return MappingPlan(tensors, mapping.objects, mapping.used_sources)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 class BoxReader:
     """Makes a chunk's data from its box of the source tensor (rows, and columns in aligned layouts).
 
@@ -170,7 +164,7 @@ class BoxReader:
         block = self.source.block[0]
         if rows[0] % block == 0 and (rows[1] % block == 0 or rows[1] == shape[0]):
             return rows
-        if _numel(shape) * 2 <= UNIT_BYTES:  # small (e.g. kv_down_proj's 576 rows): dequantise once for all slices
+        if math.prod(shape) * 2 <= UNIT_BYTES:  # small (e.g. kv_down_proj's 576 rows): dequantise once for all slices
             return 0, shape[0]
         return rows[0] // block * block, min(shape[0], -(-rows[1] // block) * block)
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from converters.fp8.cast import run_cast
-from converters.fp8.plan import FINISHED_FILE, CastOptions, plan_cast
+from converters.fp8.plan import CastOptions, finished_mark_name, plan_cast
 from converters.mcore.check import hf_logits
 from converters.testing import EXTRA_FILES, dequantised, load_checkpoint, make_fp8_checkpoint
 from toolkit.errors import ConvertError
@@ -52,7 +52,7 @@ load_dir = load_checkpoint
 
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every output file's bytes; the finished mark records the source path, which differs by design."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != FINISHED_FILE}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != finished_mark_name("fp8-bf16")}
 
 
 def test_scale_fixture_layout(fp8_model):

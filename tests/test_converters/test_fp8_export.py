@@ -211,6 +211,9 @@ def test_refusals_name_what_is_wrong(release, bf16, tmp_path):
     assert nan.returncode == 2 and name in nan.stderr and "row 130, column 3" in nan.stderr, nan.stderr
     assert not (tmp_path / "e" / shard.name).exists()  # the shard holding the NaN is not written
     assert (tmp_path / "e" / "model-00001-of-00003.safetensors").exists()  # the one finished before it is kept
+    trained = to_mcore(poisoned, tmp_path / "poisoned-mcore")  # as a diverged training run would save it
+    exported = convert("mcore-hf", "--src", str(trained), "--hf-config", str(release), "--dst", str(tmp_path / "h"), "--fp8")
+    assert exported.returncode == 2 and name in exported.stderr and "row 130, column 3" in exported.stderr, exported.stderr
     unquantised = tmp_path / "unquantised"
     shutil.copytree(release, unquantised)
     config = json.loads((unquantised / "config.json").read_text())

@@ -18,7 +18,7 @@ from kernels.fp8_triton import REBIAS, SIGN_AND_MAGNITUDE, native_fp8
 FP8_MAX = tl.constexpr(448.0)
 INFINITY_BITS = tl.constexpr(0x7F800000)
 # 16 warps (32 elements a thread for a 128x128 block): on an H200 (bench/RESULTS.md, 2026-12-05) 16 warps gave
-# 1.05-1.45x the GB/s of 8 on every DeepSeek-V3 shape (o_proj 3043 vs 2585 GB/s) and 1.2-2x those of 4
+# 1.17-1.40x the GB/s of 8 on every DeepSeek-V3 shape (o_proj 3044 vs 2585 GB/s) and 1.27-2.27x those of 4
 NUM_WARPS = 16
 
 

@@ -11,7 +11,7 @@ quantise, write).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +95,7 @@ def _jobs(tensor: FP8Tensor, info: TensorInfo, path: Path, source_shard: str) ->
     job = TensorJob(outputs[0], info, path, quantise=True, scale_output=outputs[1], prior=prior, prior_path=prior_path)
     if shards[0] == shards[1]:
         return [(shards[0], job)]
-    return [(shards[0], TensorJob(outputs[0], info, path, quantise=True, prior=prior, prior_path=prior_path)),
-            (shards[1], TensorJob(None, info, path, quantise=True, scale_output=outputs[1], prior=prior, prior_path=prior_path))]
+    return [(shards[0], replace(job, scale_output=None)), (shards[1], replace(job, output=None))]
 
 
 def _output_config(text: str | None, path: Path, quantization: dict[str, Any], drop_mtp: bool) -> str:

@@ -45,7 +45,6 @@ def beyond_declared_layers(shapes: dict, config: dict, drop_mtp: bool) -> tuple[
     return skipped, [f"{why}: {len(skipped)} tensors of {named} skipped"]
 
 
-
 def row_range(info: TensorInfo, start: int, stop: int) -> TensorInfo:
     """The TensorInfo of rows [start, stop) of a row-major tensor."""
     row_bytes = info.nbytes // info.shape[0]
@@ -65,11 +64,7 @@ def dequantise(weights: list[torch.Tensor], scales: list[torch.Tensor], block: t
         return dequant_fp8_blocks_batched(weights, scales, block, outs)
     on_device = dequant_fp8_blocks_batched([weight.to(device, non_blocking=True) for weight in weights],
                                            [scale.to(device, non_blocking=True) for scale in scales], block)
-    hosts = outs if outs is not None else [torch.empty(out.shape, dtype=out.dtype, pin_memory=True) for out in on_device]
-    for host, out in zip(hosts, on_device, strict=True):
-        host.copy_(out, non_blocking=True)
-    torch.cuda.current_stream(device).synchronize()
-    return hosts
+    return _to_host(on_device, device, outs)
 
 
 def quantise(weights: list[torch.Tensor], block: tuple[int, int], device: torch.device,
@@ -82,12 +77,15 @@ def quantise(weights: list[torch.Tensor], block: tuple[int, int], device: torch.
     moved = [None if prior is None else prior.to(device, non_blocking=True) for prior in priors or [None] * len(weights)]
     on_device = quant_fp8_blocks_batched([weight.to(device, non_blocking=True) for weight in weights], block,
                                          prior_scales=moved, names=names)
-    hosts = []
-    for codes, scale in on_device:
-        host = (torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True), torch.empty(scale.shape, dtype=scale.dtype, pin_memory=True))
-        host[0].copy_(codes, non_blocking=True)
-        host[1].copy_(scale, non_blocking=True)
-        hosts.append(host)
+    hosts = _to_host([tensor for pair in on_device for tensor in pair], device)
+    return list(zip(hosts[0::2], hosts[1::2], strict=True))
+
+
+def _to_host(tensors: list[torch.Tensor], device: torch.device, outs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """GPU results copied into `outs` (else new page-locked buffers) asynchronously, then one synchronisation."""
+    hosts = outs if outs is not None else [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, tensor in zip(hosts, tensors, strict=True):
+        host.copy_(tensor, non_blocking=True)
     torch.cuda.current_stream(device).synchronize()
     return hosts
 

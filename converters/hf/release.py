@@ -9,7 +9,7 @@ shape checks, the release's scale to keep, and with --like each output's shard: 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,7 @@ def fp8_layout(tensors: dict[str, tuple[str, tuple[int, ...]]], config: dict[str
             if None in shards:
                 problems.append(f"{name} is not in the release's index ({release.path / INDEX_NAME}): --like names another model?")
                 continue
-            tensor = FP8Tensor(tensor.name, tensor.dtype, tensor.shape, tensor.block, tensor.prior, shards)
+            tensor = replace(tensor, shards=shards)
         out.append(tensor)
     if problems:
         shown = "\n  ".join(problems[:20])

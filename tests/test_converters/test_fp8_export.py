@@ -15,12 +15,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from convert_cli import convert, to_mcore
+from faults import wait_until
 from safetensors.torch import load_file, save_file
 
 from converters.mcore.check import hf_logits
@@ -281,10 +281,7 @@ def test_kill_minus_nine_then_resume_gives_the_same_bytes(tmp_path):
     args = [sys.executable, "-m", "converters.cli", "bf16-fp8", "--quiet", "--src", str(bf16), "--dst", str(dst)]
     # 0.5 MB/s: ~3 s a shard, so the twin (a fresh Python, slow on a loaded machine) meets the first run still writing
     process = subprocess.Popen([*args, "--batch-mb", "1", "--max-write-mbps", "0.5"], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None and not list(dst.glob("model-00001-*.safetensors")):
-        time.sleep(0.01)
-    assert process.poll() is None, process.stderr.read()
+    wait_until(lambda: list(dst.glob("model-00001-*.safetensors")), process)
     twin = subprocess.run(args, capture_output=True, text=True)
     assert twin.returncode == 2 and "being written" in twin.stderr, twin.stderr
     os.kill(process.pid, signal.SIGKILL)

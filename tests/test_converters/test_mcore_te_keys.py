@@ -77,17 +77,6 @@ def test_checkpoint_covers_every_key_the_te_model_asked_for(capture_path, conver
     print(f"{capture_path.name}: keys written that no captured layout asked for: {json.dumps(extras)}")
 
 
-def test_patched_0_19_asks_for_no_fused_q_norm():
-    """The capture behind q-proj-norm's GPU proof: after the patch the real model asks for linear_q_proj's weight
-    and no norm fused into it; unpatched it asked for the norm (a key no HF checkpoint can fill)."""
-    by_name = {path.stem: json.loads(path.read_text()) for path in CAPTURES}
-    patched = by_name["mcore-0.19.2-q-proj-norm_te-2.20.2"]["models"]["q-lora-null"]["layouts"]["tp1"]
-    unpatched = by_name["mcore-0.19.2_te-2.20.2"]["models"]["q-lora-null"]["layouts"]["tp1"]
-    assert any(key.endswith(".self_attention.linear_q_proj.weight") for key in patched)
-    assert not any(key.endswith(NO_HF_SOURCE) for key in patched)
-    assert any(key.endswith(NO_HF_SOURCE) for key in unpatched)
-
-
 def test_guard_sees_a_missing_norm_extra_state(converted):
     """The guard is not vacuous: drop one norm's object from the stored set and it is reported."""
     capture = json.loads(CAPTURES[0].read_text())

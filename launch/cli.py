@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from toolkit.presets import PRESETS
-from toolkit.recipes import RECIPE_MODELS
+from toolkit.recipes import RECIPES
 from toolkit.version import __version__
 
 DESCRIPTION = "Plan, check and run verl GRPO for DeepSeek-V3-class models, and plot its metrics; `launch demo` runs the toolkit end to end."
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--nodes", type=int, required=True)
     plan.add_argument("--gpus-per-node", type=int, default=8)
     plan.add_argument("--gpu-mem-gb", type=float, default=80, help="80 (H100/A100), 96 (H20), 141 (H200)")
-    plan.add_argument("--recipe", help="a known-good plan: " + ", ".join(f"{name} ({model})" for name, model in RECIPE_MODELS.items()))
+    plan.add_argument("--recipe", help="a known-good plan: " + ", ".join(f"{name} ({plan.model})" for name, plan in RECIPES.items()))
     plan.add_argument("--json", action="store_true")
     report = commands.add_parser(
         "report",

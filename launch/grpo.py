@@ -229,10 +229,11 @@ def human_bytes(size: float) -> str:
     return f"{size:.0f} B"
 
 
-def check_megatron(preflight: Preflight, plan: Plan, verl_config: dict | None, megatron: Path | None = None) -> None:
-    """Fail on a harmful Megatron state for this stack; demand only the patches this stack needs.
+def check_megatron(preflight: Preflight, plan: Plan, verl_config: dict | None, config: dict, megatron: Path | None = None) -> None:
+    """Fail on a harmful Megatron state for this stack and model (config.json); demand only the patches they need.
 
     `megatron`: the tree the workers import (default: the megatron-core this Python imports)."""
+    from converters.mcore.params import has_q_lora
     from patcher.stack import advise, installed_stack
     from patcher.states import PatchError
     from patcher.targets import resolve
@@ -245,7 +246,7 @@ def check_megatron(preflight: Preflight, plan: Plan, verl_config: dict | None, m
     if status.state == "unsupported":
         preflight.add("Megatron patch", False, f"megatron-core {status.version}: {status.message}")
         return
-    advice = advise(installed_stack(status.version, verl_config), status.patches, tp=plan.tp)
+    advice = advise(installed_stack(status.version, verl_config), status.patches, tp=plan.tp, q_lora=has_q_lora(config))
     tree = status.path
     ok = not advice.harmful and not advice.needed
     action = f"; fix: `patcher apply {tree}`" if advice.needed else ""
@@ -366,7 +367,7 @@ def prepare(plan: Plan, config: dict, model: Path, mcore_ckpt: Path, data: Path,
     from_dist_ckpt = verl_config is None or bool(verl_config["actor_rollout_ref"]["actor"]["megatron"].get("use_dist_checkpointing"))
     _check_hf_index(preflight, model, config, from_dist_ckpt)
     check_stack_settings(preflight, verl_config, environment, run.requirements)
-    check_megatron(preflight, plan, verl_config)
+    check_megatron(preflight, plan, verl_config, config)
     if from_dist_ckpt:
         _check_checkpoint(preflight, mcore_ckpt, metadata, config)
         _check_read_volume(preflight, metadata, config, plan)

@@ -23,6 +23,8 @@ from toolkit.presets import PRESETS, preset_config
 from toolkit.recipes import RECIPES, Plan
 
 GB = 1e9
+# vLLM's weights may take this much of its gpu_memory_utilization share (the rest: KV cache, activations)
+ROLLOUT_WEIGHT_SHARE = 0.85
 
 
 class PlanError(ValueError):
@@ -146,15 +148,14 @@ def estimate_memory(plan: Plan, config: dict[str, Any], sequence: int = 4096) ->
             "with param/grad/optimizer offload, training state leaves the GPU while vLLM generates, so the two phases do not add up",
         ],
     )
-    fits_training = training <= plan.gpu_mem_gb * 0.9
-    fits_rollout = rollout_weights <= vllm * 0.85
-    estimate["fits"] = fits_training and fits_rollout
+    estimate["fits_rollout"] = rollout_weights <= vllm * ROLLOUT_WEIGHT_SHARE
+    estimate["fits"] = training <= plan.gpu_mem_gb * 0.9 and estimate["fits_rollout"]
     return estimate
 
 
 def _rollout_tp(config: dict[str, Any], gpu_mem_gb: float, utilization: float, world: int) -> int:
     params = count_params(config)
-    need = 2 * (params.dense + params.experts) / GB / (gpu_mem_gb * utilization * 0.85)
+    need = 2 * (params.dense + params.experts) / GB / (gpu_mem_gb * utilization * ROLLOUT_WEIGHT_SHARE)
     tp = 1
     while tp < need:
         tp *= 2
@@ -201,9 +202,9 @@ def make_plan(model: str, nodes: int, gpus_per_node: int = 8, gpu_mem_gb: float 
         plan = replace(plan, gpu_mem_gb=gpu_mem_gb)
         problems = check_rules(plan, config)
         memory = estimate_memory(plan, config)
-        if memory["rollout_weights_per_gpu"] > memory["vllm_share"] * 0.85:
+        if not memory["fits_rollout"]:
             problems.append(f"vLLM's BF16 weights are {memory['rollout_weights_per_gpu']} GB per GPU at rollout TP {plan.rollout_tp}, "
-                            f"more than 85% of its {memory['vllm_share']} GB share")
+                            f"more than {ROLLOUT_WEIGHT_SHARE:.0%} of its {memory['vllm_share']} GB share")
         if problems:
             raise PlanError(f"recipe {recipe} does not suit this model: " + "; ".join(problems))
         return plan, config

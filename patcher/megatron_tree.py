@@ -102,21 +102,6 @@ class QProjNormPatch(CodemodPatch):
     codemod = mla_q_proj_norm
     relative = QK_NORM_RELATIVE
 
-    def state(self) -> PatchState:
-        """needed / applied / not-needed (no resolver: <= 0.18) / upstream / unsupported."""
-        backup = str(self.backup_path) if self.has_backup() else None
-        if not self.path.is_file() and not self.has_backup():
-            return PatchState(self.name, str(self.path), NOT_NEEDED,
-                              "this release has no mla_qk_norm_config.py: linear_q_proj is built from the spec (no fused q norm)")
-        found = self.file_state()
-        base = {"name": self.name, "path": str(self.path), "line": found.line, "backup": backup}
-        if found.state in (UNSUPPORTED, APPLIED):
-            return PatchState(**base, state=found.state, message=found.message)
-        if found.state == "present":
-            return PatchState(**base, state=UPSTREAM, message=f"present upstream: {found.message}")
-        return PatchState(**base, state=NEEDED, message=f"{found.message}: q_lora_rank-null models (DeepSeek-V2-Lite, Moonlight) "
-                          "get an RMSNorm before q_proj that HF does not have")
-
 
 class MegatronSpecPatch(BackedUpPatch):
     """The how-to's edit: MLA q/kv down projections `backend.linear()` / `TELinear` -> column-parallel."""
@@ -169,8 +154,8 @@ class MegatronTree:
 
     target = "megatron"
 
-    def __init__(self, root: Path | None, spec: MegatronSpecPatch | None, export_flag: ExportFlagPatch | None, rope: RopeGradientPatch | None,
-                 q_proj_norm: QProjNormPatch | None = None) -> None:
+    def __init__(self, root: Path | None = None, spec: MegatronSpecPatch | None = None, export_flag: ExportFlagPatch | None = None,
+                 rope: RopeGradientPatch | None = None, q_proj_norm: QProjNormPatch | None = None) -> None:
         self.root = root
         self.spec = spec
         self.export_flag = export_flag
@@ -187,12 +172,12 @@ class MegatronTree:
     def lone_file(cls, path: Path) -> MegatronTree:
         """A file outside any Megatron tree: the patch its name says (a spec for any other .py)."""
         if path.name == TE_RELATIVE.name:
-            return cls(None, None, ExportFlagPatch(path), None)
+            return cls(export_flag=ExportFlagPatch(path))
         if path.name == MLA_RELATIVE.name:
-            return cls(None, None, None, RopeGradientPatch(path))
+            return cls(rope=RopeGradientPatch(path))
         if path.name == QK_NORM_RELATIVE.name:
-            return cls(None, None, None, None, QProjNormPatch(path))
-        return cls(None, MegatronSpecPatch(path), None, None)
+            return cls(q_proj_norm=QProjNormPatch(path))
+        return cls(spec=MegatronSpecPatch(path))
 
     @property
     def path(self) -> Path:
@@ -244,7 +229,7 @@ class MegatronTree:
         elif seed_edit and self.spec is not None:
             states.append(PatchState(ROPE_GRADIENT, "", UNSUPPORTED, f"{self.spec.path} is not inside a Megatron tree: the seed edit needs the rope-gradient fix in the same tree's {MLA_RELATIVE}; give the tree"))
         if self.q_proj_norm is not None:
-            states.append(self.q_proj_norm.state())
+            states.append(self._q_proj_norm_state())
         return states
 
     @staticmethod
@@ -270,6 +255,18 @@ class MegatronTree:
                 message="this release's spec builds the MLA down projections column-parallel, so no duplicated TELinear is exported",
             )
         return PatchState(**base, state=NEEDED, message=f"{found.message}: flag-based exporters would send vLLM TP stacked copies of q/kv down projections")
+
+    def _q_proj_norm_state(self) -> PatchState:
+        """needed / applied / not-needed (no resolver: <= 0.18) / upstream / unsupported."""
+        patch = self.q_proj_norm
+        if not patch.path.is_file() and not patch.has_backup():
+            return PatchState(Q_PROJ_NORM, str(patch.path), NOT_NEEDED,
+                              "this release has no mla_qk_norm_config.py: linear_q_proj is built from the spec (no fused q norm)")
+        found, base, settled = self._settled_state(Q_PROJ_NORM, patch, "")
+        if settled is not None:
+            return settled
+        return PatchState(**base, state=NEEDED, message=f"{found.message}: q_lora_rank-null models (DeepSeek-V2-Lite, Moonlight) "
+                          "get an RMSNorm before q_proj that HF does not have")
 
     def _rope_state(self, column_now: bool | None, fused: bool | None, seed_edit: bool, rope_fix: bool) -> PatchState:
         found, base, settled = self._settled_state(ROPE_GRADIENT, self.rope, "")

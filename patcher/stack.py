@@ -118,8 +118,9 @@ def exporter(stack: Stack) -> str | None:
     return MEGATRON_BRIDGE
 
 
-def advise(stack: Stack, patch_states: list[dict[str, Any]], tp: int | None = None) -> Advice:
-    """Needed and harmful patches of a tree (its `patch_states`) under this stack."""
+def advise(stack: Stack, patch_states: list[dict[str, Any]], tp: int | None = None, q_lora: bool | None = None) -> Advice:
+    """Needed and harmful patches of a tree (its `patch_states`) under this stack, for a model with a query LoRA
+    (`q_lora` True: DeepSeek-V3, Kimi-K2), without one (False: V2-Lite, Moonlight) or not known (None)."""
     states = {state["name"]: state["state"] for state in patch_states}
     spec, flag, rope = states.get(SEED_EDIT), states.get(EXPORT_FLAG), states.get(ROPE_GRADIENT)
     column = spec in (APPLIED, NOT_NEEDED)
@@ -151,7 +152,7 @@ def advise(stack: Stack, patch_states: list[dict[str, Any]], tp: int | None = No
                 f"{advice.exporter} exports duplicated TELinear weights as replicated: the export flag is not needed "
                 "(harmless; `patcher apply` adds it)"
             )
-    q_proj_needed = states.get(Q_PROJ_NORM) == NEEDED
+    q_proj_needed = states.get(Q_PROJ_NORM) == NEEDED and not q_lora
     if not advice.reasons and not q_proj_needed and advice.exporter is not None:
         advice.reasons.append(f"nothing to change: {advice.layout} down projections are exported and trained correctly by {advice.exporter}")
     if tp is not None and tp <= 1:

@@ -157,13 +157,15 @@ def remove_dead_temps(state_dir: Path) -> None:
 def _temp_owner_dead(path: Path) -> bool:
     try:
         _, host, pid = path.name[: -len(".tmp")].split("~")
-        if host != socket.gethostname():
-            return False
-        os.kill(int(pid), 0)
+        owner = int(pid)
     except ValueError:
-        return False
+        return False  # not a name we give temp files
+    if host != socket.gethostname():
+        return False  # another machine's part: its pid means nothing here
+    try:
+        os.kill(owner, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
-        return False
+        pass  # alive, someone else's
     return False

@@ -289,12 +289,12 @@ def yarn_softmax_mscale(config: dict) -> float:
     """DeepSeek's softmax-scale factor under yarn: mscale(factor, mscale_all_dim)^2 (1.0 without it).
     DeepSeek's modeling code and vLLM multiply 1/sqrt(head dim) by it, and so does megatron-core
     (MLA with yarn); transformers 5.9's DeepseekV2Attention leaves it out (its DeepseekV3Attention has it)."""
-    import math
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_get_mscale
 
     scaling = config.get("rope_scaling") or {}
-    if scaling.get("type", scaling.get("rope_type")) != "yarn" or not scaling.get("mscale_all_dim") or scaling.get("factor", 1) <= 1:
+    if scaling.get("type", scaling.get("rope_type")) != "yarn" or not scaling.get("mscale_all_dim"):
         return 1.0
-    return (0.1 * scaling["mscale_all_dim"] * math.log(scaling["factor"]) + 1.0) ** 2
+    return yarn_get_mscale(scaling.get("factor", 1), scaling["mscale_all_dim"]) ** 2
 
 
 def load_hf_model(model_dir):

@@ -102,6 +102,10 @@ class McorePlan(Job):
     def open_writer(self, device: str) -> BinItems:
         return BinItems(self, device)
 
+    def readers(self, device: str) -> int:
+        """Reader threads per process on `device` (--readers, else the measured default)."""
+        return self.options.readers or default_readers(device, self.options.workers)
+
     def forget(self) -> None:
         forget_bins(self.release, len(self.bins))
 
@@ -114,8 +118,7 @@ class BinItems(ItemWriter):
 
     def __init__(self, plan: McorePlan, device: str) -> None:
         self.plan = plan
-        readers = plan.options.readers or default_readers(device, plan.options.workers)
-        self.writer, self.make_chunk = _open(plan.src, plan.release, device, readers, plan.options.write_limit)
+        self.writer, self.make_chunk = _open(plan.src, plan.release, device, plan.readers(device), plan.options.write_limit)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -230,7 +233,7 @@ def run_conversion(plan: McorePlan, progress_factory: ProgressFactory | None = N
     summary.bins_written = len(result.written)
     summary.bytes_out = sum(sizes[index] for index in result.written)
     summary.stage_seconds = result.stage_seconds
-    summary.readers = plan.options.readers or default_readers(str(resolve_device(plan.options.device)), plan.options.workers)
+    summary.readers = plan.readers(str(resolve_device(plan.options.device)))
     summary.seconds = round(result.seconds, 3)
     return summary
 

@@ -33,6 +33,12 @@ def test_scaled_down_config_keeps_the_structure(name):
     assert tiny["num_hidden_layers"] == release["first_k_dense_replace"] + 2 and tiny["hidden_size"] < release["hidden_size"]
 
 
+def test_scaled_down_experts_stay_a_multiple_of_the_groups():
+    """No named model exercises it (64 is a multiple of 8 and 1): 256 experts in 3 groups scale to 63, not 64."""
+    release = {**preset_config("deepseek-v3"), "n_group": 3, "topk_group": 1}
+    assert scaled_down_config(release)["n_routed_experts"] == 63
+
+
 # 15-25 s each on 2 cores (writing, converting and two model builds in subprocesses). Measured max |logit diff|:
 # ~2e-7 for V3, Kimi-K2 and V2-Lite; ~9e-5 for Moonlight, whose rms_norm_eps is 1e-5: transformers builds MLA's
 # q_a/kv_a layernorms with a fixed 1e-6, megatron-core with rms_norm_eps (the same model at eps 1e-6: 2e-7).

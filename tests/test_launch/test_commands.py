@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
+from converters.testing import deepseek_v3_config
 from launch.grpo import cluster_from_env
 from launch.overrides import build_overrides, dialect, installed_verl, validate_with_verl
 from launch.plan import PlanError, check_rules, load_model_config, make_plan, stage_split
-from toolkit.recipes import RECIPE_MODELS, RECIPES
+from toolkit.recipes import RECIPES
 
 DSV3 = load_model_config("deepseek-v3")
 
@@ -33,9 +34,8 @@ def test_recipes_are_reproduced_exactly():
     sixteen = RECIPES["verl-h20-16"]
     assert (sixteen.tp, sixteen.pp, sixteen.ep, sixteen.etp, sixteen.last_stage_layers, sixteen.optimizer_offload_fraction) == (8, 16, 8, 1, 1, 0.5)
     assert (RECIPES["verl-h20-64"].tp, RECIPES["verl-h20-64"].pp, RECIPES["verl-h20-64"].ep) == (1, 16, 32)
-    assert set(RECIPE_MODELS) == set(RECIPES)
     for name, recipe in RECIPES.items():
-        assert check_rules(recipe, load_model_config(RECIPE_MODELS[name])) == [], name
+        assert check_rules(recipe, load_model_config(recipe.model)) == [], name
 
 
 def test_divisibility_rules_are_enforced():
@@ -146,8 +146,22 @@ def megatron_check(site: Path, config: dict, tp: int = 4):
     from launch.grpo import Preflight, check_megatron
 
     preflight = Preflight()
-    check_megatron(preflight, replace(RECIPES["pai-16x8"], tp=tp), config, site)
+    check_megatron(preflight, replace(RECIPES["pai-16x8"], tp=tp), config, deepseek_v3_config(), site)
     return preflight.checks[0]
+
+
+def test_q_proj_norm_is_demanded_only_for_models_without_a_query_lora():
+    """megatron-core 0.19's tree needs q-proj-norm (its patch states as `patcher status` gives them for 0.19.2),
+    but only a model without a query LoRA is built differently: DeepSeek-V3 passes, Moonlight is told to patch."""
+    from patcher.stack import Stack, advise
+
+    states = [{"name": "seed-edit", "state": "on-request"}, {"name": "export-flag", "state": "upstream"},
+              {"name": "rope-gradient", "state": "not-needed"}, {"name": "q-proj-norm", "state": "needed"}]
+    stack = Stack(megatron_core="0.19.2", verl="0.9.1", use_mbridge=True, vanilla_mbridge=False, megatron_bridge="0.5.1")
+    assert advise(stack, states, tp=8, q_lora=True).needed == []
+    assert advise(stack, states, tp=8, q_lora=False).needed == ["q-proj-norm"]
+    assert advise(stack, states, tp=1, q_lora=False).needed == ["q-proj-norm"]  # the model differs at any TP
+    assert advise(stack, states).needed == ["q-proj-norm"]  # model not known (`patcher status`): say so
 
 
 def test_preflight_demands_no_patch_the_stack_does_not_need(tmp_path):
